@@ -1,0 +1,1 @@
+"""The Ray driver: job specs, planning, launching searches and evaluations, MLflow records, tables."""

@@ -1,0 +1,164 @@
+"""Launching work on Ray: searches as Ray Train runs, evaluations as parallel Ray Tune trials."""
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from orchestrator.plan import EvalTask, SearchTask
+from orchestrator.spec import JobSpec, RaySpec
+from orchestrator.tracking import Tracker
+from search_spaces.darts import Genotype, genotype_from_json
+from search_spaces.errors import UnasError
+from workers.context import RunContext, configure_worker_logging
+from workers.evaluate import build_eval_network, count_params_m, run_evaluation
+from workers.search import GENOTYPE_FILE, search_worker
+
+logger = logging.getLogger(__name__)
+
+
+class LaunchError(UnasError):
+    """A search or evaluation that failed on Ray."""
+
+    exit_status = 1
+
+
+def init_ray(config: RaySpec) -> None:
+    """Connects to a cluster when an address is given (or set by `ray job submit`), else starts one."""
+    if ray.is_initialized():
+        return
+    address = config.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        logger.info("connecting to the Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=True)
+        return
+    logger.info("starting a local Ray runtime")
+    ray.init(address="local", num_cpus=config.num_cpus, num_gpus=config.num_gpus, include_dashboard=False,
+             log_to_driver=True)
+
+
+class MlflowReportCallback(UserCallback):
+    """Forwards rank 0's per-epoch metrics of a Train run to its MLflow run (on the controller)."""
+
+    def __init__(self, tracker: Tracker, run_id: str, label: str):
+        self.tracker = tracker
+        self.run_id = run_id
+        self.label = label
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        if not metrics:
+            return
+        epoch_metrics = metrics[0]
+        epoch = int(epoch_metrics.get("epoch", 0))
+        self.tracker.log_metrics(self.run_id, epoch_metrics, step=epoch)
+        if "genotype" in epoch_metrics:
+            self.tracker.log_text(self.run_id, epoch_metrics["genotype"], f"genotypes/epoch_{epoch:04d}.json")
+        logger.info("%s: epoch %d, train_acc %.3f, entropy %.2f", self.label, epoch,
+                    epoch_metrics.get("train_acc", float("nan")), epoch_metrics.get("entropy", float("nan")))
+
+
+def run_search_task(task: SearchTask, spec: JobSpec, tracker: Tracker, run_id: str, output_dir: Path) -> Genotype:
+    """Runs (or resumes) one search as a Ray Train run and returns its genotype."""
+    search = spec.search
+    use_gpu = search.worker_resources.gpus > 0
+    resources = {"CPU": search.worker_resources.cpus}
+    if use_gpu:
+        resources["GPU"] = search.worker_resources.gpus
+    trainer = TorchTrainer(
+        search_worker,
+        train_loop_config={"search": spec.search_config(task.method, task.seed), "data": spec.data_config()},
+        scaling_config=ScalingConfig(num_workers=search.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=f"{spec.job_id()}-{task.key}",
+            storage_path=str((output_dir / "ray").resolve()),
+            failure_config=FailureConfig(max_failures=search.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=[MlflowReportCallback(tracker, run_id, task.key)],
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise LaunchError(f"search {task.key} failed: {result.error}")
+    with result.checkpoint.as_directory() as folder:
+        return genotype_from_json((Path(folder) / GENOTYPE_FILE).read_text())
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """What every evaluation trial needs, shipped once through tune.with_parameters."""
+
+    spec: JobSpec
+    tasks: list[EvalTask]
+    run_ids: list[str]
+    tracker: Tracker
+    checkpoint_root: str
+
+
+def evaluation_trial(config: dict[str, Any], setup: TrialSetup) -> None:
+    """A Tune function trial: trains one cell, logs it to its MLflow run and marks the run done."""
+    import torch
+
+    configure_worker_logging()
+    torch.set_num_threads(max(1, int(setup.spec.evaluate.trial_resources.cpus)))
+    index = config["task_index"]
+    task, run_id, tracker = setup.tasks[index], setup.run_ids[index], setup.tracker
+    recipe = setup.spec.eval_recipe(task.train_seed)
+
+    def report(metrics: dict[str, Any]) -> None:
+        tracker.log_metrics(run_id, metrics, step=int(metrics["epoch"]))
+        tune.report({key: value for key, value in metrics.items() if isinstance(value, int | float)})
+
+    context = RunContext(Path(setup.checkpoint_root) / task.key, on_report=report)
+    tracker.client.update_run(run_id, status="RUNNING")  # a retried trial reopens its run
+    started = time.time()
+    try:
+        outcome = run_evaluation(task.genotype, recipe, setup.spec.data_config(), context)
+    except BaseException:
+        tracker.finish(run_id, "FAILED")
+        raise
+    wall_time_s = time.time() - started
+    gpus = setup.spec.evaluate.trial_resources.gpus
+    tracker.log_metrics(run_id, {"final_test_error": outcome.test_error, "final_min_test_error": outcome.min_test_error,
+                                 "params_m": outcome.params_m, "wall_time_s": wall_time_s,
+                                 "device_hours": wall_time_s / 3600 * max(gpus, 1.0),
+                                 "gpu_days": wall_time_s / 86400 * gpus}, step=outcome.epochs)
+    tracker.finish(run_id)
+
+
+def run_evaluation_trials(spec: JobSpec, tasks: list[EvalTask], run_ids: list[str], tracker: Tracker,
+                          output_dir: Path) -> dict[str, str | None]:
+    """Runs the tasks as parallel Tune trials; returns each task key's error message (None: finished)."""
+    if not tasks:
+        return {}
+    resources = spec.evaluate.trial_resources
+    setup = TrialSetup(spec, tasks, run_ids, tracker, str((output_dir / "checkpoints").resolve()))
+    trainable = tune.with_resources(tune.with_parameters(evaluation_trial, setup=setup),
+                                    {"cpu": resources.cpus, "gpu": resources.gpus})
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"task_index": tune.grid_search(list(range(len(tasks))))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=spec.evaluate.max_concurrent),
+        run_config=tune.RunConfig(name=f"{spec.job_id()}-evaluate-{int(time.time())}",
+                                  storage_path=str((output_dir / "ray").resolve()), verbose=1,
+                                  failure_config=tune.FailureConfig(max_failures=1)),
+    )
+    results = tuner.fit()
+    errors: dict[str, str | None] = {task.key: None for task in tasks}
+    for result in results:
+        if result.error is not None:
+            errors[tasks[result.config["task_index"]].key] = str(result.error).splitlines()[0]
+    return errors
+
+
+def describe_cell(task: EvalTask, spec: JobSpec) -> dict[str, Any]:
+    """Params of the evaluation network, logged before training starts."""
+    network = build_eval_network(task.genotype, spec.eval_recipe(task.train_seed), spec.data_config())
+    return {"params_m": count_params_m(network)}

@@ -1,0 +1,1 @@
+"""Search spaces: operations, cells, supernets, evaluation networks, genotypes and counting."""
