@@ -41,7 +41,8 @@ from orchestrator.tracking import (
 from search_spaces.darts import Genotype, genotype_from_json
 from search_spaces.errors import UnasError
 from workers.data import check_data_available
-from workers.evaluate import build_eval_network, count_params_m
+from search_spaces.darts.counting import count_params_m
+from workers.evaluate import build_eval_network
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from orchestrator.tracking import Tracker
 from search_spaces.darts import Genotype, genotype_from_json
 from search_spaces.errors import UnasError
 from workers.context import RunContext, configure_worker_logging
-from workers.evaluate import build_eval_network, count_params_m, run_evaluation
+from workers.evaluate import run_evaluation
 from workers.search import GENOTYPE_FILE, search_worker
 
 logger = logging.getLogger(__name__)
@@ -157,8 +157,3 @@ def run_evaluation_trials(spec: JobSpec, tasks: list[EvalTask], run_ids: list[st
             errors[tasks[result.config["task_index"]].key] = str(result.error).splitlines()[0]
     return errors
 
-
-def describe_cell(task: EvalTask, spec: JobSpec) -> dict[str, Any]:
-    """Params of the evaluation network, logged before training starts."""
-    network = build_eval_network(task.genotype, spec.eval_recipe(task.train_seed), spec.data_config())
-    return {"params_m": count_params_m(network)}

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from search_spaces.darts import EvalNetwork, Genotype, NetworkConfig
+from search_spaces.darts.counting import count_params_m
 from search_spaces.errors import UnasError
 from workers.config import DataConfig, EvalRecipe
 from workers.context import RunContext, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
@@ -50,10 +51,6 @@ def build_eval_network(genotype: Genotype, recipe: EvalRecipe, data: DataConfig)
     info = describe_dataset(data.name)
     config = NetworkConfig(recipe.chs, recipe.layers, info.num_classes, in_chs=info.in_chs)
     return EvalNetwork(genotype, config, auxiliary=recipe.auxiliary_weight > 0)
-
-
-def count_params_m(network: torch.nn.Module) -> float:
-    return sum(p.numel() for name, p in network.named_parameters() if not name.startswith("auxiliary_head")) / 1e6
 
 
 def train_epoch(network: EvalNetwork, optimizer, recipe: EvalRecipe, loader, device, world_size: int) -> dict[str, float]:
