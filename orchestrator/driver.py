@@ -5,12 +5,14 @@ their checkpoints; runs are looked up by tag before any is created.
 """
 
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.launch import init_ray, run_evaluation_trials, run_search_task
 from orchestrator.plan import (
+    GROUP_FOUND,
     STAGE_EVALUATE,
     STAGE_SEARCH,
     EvalTask,
@@ -19,7 +21,14 @@ from orchestrator.plan import (
     plan_searches,
 )
 from orchestrator.spec import JobSpec
-from orchestrator.tables import build_results_table, fetch_job_runs, format_markdown, write_tables
+from orchestrator.tables import (
+    build_cells_table,
+    build_results_table,
+    fetch_job_runs,
+    format_cells_markdown,
+    format_markdown,
+    write_tables,
+)
 from orchestrator.tracking import (
     TAG_GROUP,
     TAG_JOB_ID,
@@ -39,6 +48,7 @@ from orchestrator.tracking import (
     provenance_tags,
 )
 from search_spaces.darts import Genotype, genotype_from_json
+from search_spaces.darts.drawing import draw_genotype
 from search_spaces.errors import UnasError
 from workers.data import check_data_available
 from search_spaces.darts.counting import count_params_m
@@ -47,6 +57,7 @@ from workers.evaluate import build_eval_network
 logger = logging.getLogger(__name__)
 
 GENOTYPE_ARTIFACT = "genotype.json"
+GENOTYPE_DRAWING = "genotype.png"
 
 
 @dataclass
@@ -92,12 +103,23 @@ def run_job(spec: JobSpec, output_dir: Path, tracking_uri: str | None = None) ->
     eval_tasks = plan_evaluations(spec, found)
     _run_evaluations(spec, eval_tasks, found, tracker, parent_id, output_dir, failed)
 
-    table = build_results_table(fetch_job_runs(tracker, job_id))
-    markdown = format_markdown(table)
-    for path in write_tables(table, output_dir / "tables"):
+    runs = fetch_job_runs(tracker, job_id)
+    table, cells = build_results_table(runs), build_cells_table(runs)
+    _log_found_accuracy(tracker, parent_id, cells)
+    markdown = format_markdown(table) + "\n" + format_cells_markdown(cells)
+    for path in write_tables(table, cells, output_dir / "tables"):
         tracker.log_artifact(parent_id, path, "tables")
     tracker.finish(parent_id, "FAILED" if failed else "FINISHED")
     return JobResult(job_id, parent_id, markdown, failed)
+
+
+def _log_found_accuracy(tracker: Tracker, parent_id: str, cells) -> None:
+    """Puts each found cell's final test accuracy in the log and on the parent run."""
+    found = cells[(cells["group"] == GROUP_FOUND) & cells["test_accuracy_pct"].notna()]
+    for row in found.itertuples(index=False):
+        logger.info("found cell %s: test accuracy %.2f%%", row.key, row.test_accuracy_pct)
+    if len(found):
+        tracker.log_metrics(parent_id, {"found_test_accuracy_pct": float(found["test_accuracy_pct"].mean())})
 
 
 def _open_parent_run(tracker: Tracker, spec: JobSpec, job_id: str) -> str:
@@ -142,9 +164,18 @@ def _run_searches(spec: JobSpec, tracker: Tracker, parent_id: str, output_dir: P
 
 def _finish_search_run(spec: JobSpec, tracker: Tracker, run_id: str, genotype: Genotype, wall_time_s: float) -> None:
     gpus = spec.search.workers * spec.search.worker_resources.gpus
-    tracker.log_text(run_id, genotype_artifact_json(genotype), GENOTYPE_ARTIFACT)
+    _log_genotype(tracker, run_id, genotype)
     tracker.log_metrics(run_id, {"wall_time_s": wall_time_s, "gpus": gpus, "gpu_days": wall_time_s * gpus / 86400})
     tracker.finish(run_id)
+
+
+def _log_genotype(tracker: Tracker, run_id: str, genotype: Genotype) -> None:
+    """The genotype as JSON and as a drawing of its two cells."""
+    tracker.log_text(run_id, genotype_artifact_json(genotype), GENOTYPE_ARTIFACT)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / GENOTYPE_DRAWING
+        draw_genotype(genotype, path)
+        tracker.log_artifact(run_id, path)
 
 
 def _load_run_genotype(tracker: Tracker, run_id: str) -> Genotype:
@@ -181,6 +212,6 @@ def _describe_eval_run(spec: JobSpec, task: EvalTask, tracker: Tracker, run_id: 
             tags[TAG_SOURCE_RUN] = source.info.run_id
     tracker.set_tags(run_id, tags)
     tracker.log_params(run_id, vars(spec.eval_recipe(task.train_seed)))
-    tracker.log_text(run_id, genotype_artifact_json(task.genotype), GENOTYPE_ARTIFACT)
+    _log_genotype(tracker, run_id, task.genotype)
     network = build_eval_network(task.genotype, spec.eval_recipe(task.train_seed), spec.data_config())
     tracker.log_metrics(run_id, {"params_m": count_params_m(network)})

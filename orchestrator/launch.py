@@ -128,6 +128,7 @@ def evaluation_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     gpus = setup.spec.evaluate.trial_resources.gpus
     tracker.log_metrics(run_id, {"final_test_error": outcome.test_error, "final_min_test_error": outcome.min_test_error,
                                  "params_m": outcome.params_m, "wall_time_s": wall_time_s,
+                                 "trial_started_unix_s": started, "trial_finished_unix_s": time.time(),
                                  "device_hours": wall_time_s / 3600 * max(gpus, 1.0),
                                  "gpu_days": wall_time_s / 86400 * gpus}, step=outcome.epochs)
     tracker.finish(run_id)

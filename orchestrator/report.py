@@ -2,7 +2,13 @@
 
 from pathlib import Path
 
-from orchestrator.tables import build_results_table, fetch_job_runs, format_markdown
+from orchestrator.tables import (
+    build_cells_table,
+    build_results_table,
+    fetch_job_runs,
+    format_cells_markdown,
+    format_markdown,
+)
 from orchestrator.tracking import TAG_JOB_ID, TAG_STAGE, Tracker, TrackingError, default_tracking_uri
 from search_spaces.errors import UnasError
 
@@ -25,8 +31,9 @@ def build_report(output: str | None = None, tracking_uri: str | None = None, job
     sections = []
     for parent in parents:
         job_id = parent.data.tags[TAG_JOB_ID]
-        table = build_results_table(fetch_job_runs(tracker, job_id))
-        sections.append(f"Job {parent.info.run_name} (id {job_id}, {parent.info.status})\n\n{format_markdown(table)}")
+        runs = fetch_job_runs(tracker, job_id)
+        tables = format_markdown(build_results_table(runs)) + "\n" + format_cells_markdown(build_cells_table(runs))
+        sections.append(f"Job {parent.info.run_name} (id {job_id}, {parent.info.status})\n\n{tables}")
     return "\n".join(sections) if sections else f"no jobs recorded in experiment {experiment!r}"
 
 

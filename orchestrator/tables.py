@@ -78,6 +78,38 @@ def _summarise(group: str, label: str, cells: pd.DataFrame, searches: pd.DataFra
     }
 
 
+CELL_COLUMNS = ["key", "group", "label", "status", "test_accuracy_pct", "test_error_pct", "min_test_error_pct",
+                "params_m"]
+
+
+def build_cells_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per evaluation run: every trained cell with its final test accuracy."""
+    if runs.empty:
+        return pd.DataFrame(columns=CELL_COLUMNS)
+    evals = runs[_column(runs, f"tags.{TAG_STAGE}") == STAGE_EVALUATE]
+    final_error = _column(evals, "metrics.final_test_error").astype(float)
+    table = pd.DataFrame({
+        "key": evals[f"tags.{TAG_KEY}"],
+        "group": evals[f"tags.{TAG_GROUP}"],
+        "label": evals[f"tags.{TAG_LABEL}"],
+        "status": evals["status"],
+        "test_accuracy_pct": (1 - final_error) * 100,
+        "test_error_pct": final_error * 100,
+        "min_test_error_pct": _column(evals, "metrics.final_min_test_error").astype(float) * 100,
+        "params_m": _column(evals, "metrics.params_m").astype(float),
+    })
+    return table.sort_values("key").reset_index(drop=True)
+
+
+def format_cells_markdown(cells: pd.DataFrame) -> str:
+    lines = ["| cell | status | test accuracy (%) | final test error (%) | min test error (%) | params (M) |",
+             "|" + "---|" * 6]
+    for row in cells.itertuples(index=False):
+        lines.append(f"| {row.key} | {row.status} | {_fmt(row.test_accuracy_pct, 2)} | {_fmt(row.test_error_pct, 2)} | "
+                     f"{_fmt(row.min_test_error_pct, 2)} | {_fmt(row.params_m, 3)} |")
+    return "\n".join(lines) + "\n"
+
+
 def format_markdown(table: pd.DataFrame) -> str:
     header = ("| row | search method | cells (finished) | test error (%) | best (%) | params (M) | "
               "search cost (GPU-days) | search wall time (h) |")
@@ -95,9 +127,11 @@ def _fmt(value, digits: int) -> str:
     return "-" if value is None or pd.isna(value) else f"{value:.{digits}f}"
 
 
-def write_tables(table: pd.DataFrame, folder: Path) -> tuple[Path, Path]:
+def write_tables(table: pd.DataFrame, cells: pd.DataFrame, folder: Path) -> list[Path]:
+    """results.md (both tables), results.parquet (the summary) and cells.parquet (every cell)."""
     folder.mkdir(parents=True, exist_ok=True)
-    markdown_path, parquet_path = folder / "results.md", folder / "results.parquet"
-    markdown_path.write_text(format_markdown(table))
-    table.to_parquet(parquet_path, index=False)
-    return markdown_path, parquet_path
+    markdown_path = folder / "results.md"
+    markdown_path.write_text(format_markdown(table) + "\n" + format_cells_markdown(cells))
+    table.to_parquet(folder / "results.parquet", index=False)
+    cells.to_parquet(folder / "cells.parquet", index=False)
+    return [markdown_path, folder / "results.parquet", folder / "cells.parquet"]
