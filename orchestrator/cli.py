@@ -4,6 +4,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -44,6 +45,8 @@ def command_run(args: argparse.Namespace) -> int:
         print(error.message, file=sys.stderr)
         return EXIT_INVALID
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # `ray job stop` and schedulers send SIGTERM: exit through Python so open runs get closed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     output_dir = resolve_output_dir(spec, args.output)
     result = run_job(spec, output_dir, args.tracking_uri)
     print(f"\nJob {spec.name} (id {result.job_id}), parent MLflow run {result.parent_run_id}\n")

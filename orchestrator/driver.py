@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.launch import init_ray, run_evaluation_trials, run_search_task
+from orchestrator.launch import check_cluster_fits, init_ray, run_evaluation_trials, run_search_task
 from orchestrator.plan import (
     GROUP_FOUND,
     STAGE_EVALUATE,
@@ -93,16 +93,31 @@ def run_job(spec: JobSpec, output_dir: Path, tracking_uri: str | None = None) ->
     check_data_available(spec.data_config())
     prepare_output_dir(output_dir)
     tracker = open_tracker(spec, output_dir, tracking_uri)
+    init_ray(spec.ray)
+    check_cluster_fits(spec)
     job_id = spec.job_id()
     parent_id = _open_parent_run(tracker, spec, job_id)
     logger.info("job %s (id %s): output in %s, MLflow at %s", spec.name, job_id, output_dir, tracker.tracking_uri)
-    init_ray(spec.ray)
 
     failed: dict[str, str] = {}
-    found = _run_searches(spec, tracker, parent_id, output_dir, failed)
-    eval_tasks = plan_evaluations(spec, found)
-    _run_evaluations(spec, eval_tasks, found, tracker, parent_id, output_dir, failed)
+    try:
+        found = _run_searches(spec, tracker, parent_id, output_dir, failed)
+        eval_tasks = plan_evaluations(spec, found)
+        _run_evaluations(spec, eval_tasks, found, tracker, parent_id, output_dir, failed)
+    except BaseException:
+        # Stopped or crashed: no run of this job may stay RUNNING; a resubmission reopens them.
+        _close_open_runs(tracker, job_id)
+        raise
+    return _summarise_job(tracker, job_id, parent_id, output_dir, failed)
 
+
+def _close_open_runs(tracker: Tracker, job_id: str) -> None:
+    for run in tracker.runs_of_job(job_id):
+        if run.info.status == "RUNNING":
+            tracker.finish(run.info.run_id, "KILLED")
+
+
+def _summarise_job(tracker: Tracker, job_id: str, parent_id: str, output_dir: Path, failed: dict[str, str]) -> JobResult:
     runs = fetch_job_runs(tracker, job_id)
     table, cells = build_results_table(runs), build_cells_table(runs)
     _log_found_accuracy(tracker, parent_id, cells)

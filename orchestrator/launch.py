@@ -44,6 +44,39 @@ def init_ray(config: RaySpec) -> None:
              log_to_driver=True)
 
 
+class ResourceError(UnasError):
+    """A resource request that no node of the cluster can ever satisfy."""
+
+
+def _resource_requests(spec: JobSpec) -> list[tuple[str, float, float, int]]:
+    """(field, CPUs, GPUs, how many at once) of each kind of Ray worker the job starts."""
+    requests = []
+    if spec.search is not None:
+        resources = spec.search.worker_resources
+        requests.append(("search.worker_resources", resources.cpus, resources.gpus, spec.search.workers))
+    if spec.evaluate is not None:
+        resources = spec.evaluate.trial_resources
+        requests.append(("evaluate.trial_resources", resources.cpus, resources.gpus, 1))
+    return requests
+
+
+def check_cluster_fits(spec: JobSpec) -> None:
+    """Rejects requests larger than every node (or than the cluster) before any work starts."""
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    largest_cpus = max((node.get("CPU", 0.0) for node in nodes), default=0.0)
+    largest_gpus = max((node.get("GPU", 0.0) for node in nodes), default=0.0)
+    total_cpus = sum(node.get("CPU", 0.0) for node in nodes)
+    total_gpus = sum(node.get("GPU", 0.0) for node in nodes)
+    for field, cpus, gpus, count in _resource_requests(spec):
+        if not any(node.get("CPU", 0.0) >= cpus and node.get("GPU", 0.0) >= gpus for node in nodes):
+            raise ResourceError(f"{field}: {cpus:g} CPU and {gpus:g} GPU per worker, but the largest node has "
+                                f"{largest_cpus:g} CPU and {largest_gpus:g} GPU; lower the request or add such nodes")
+        if cpus * count > total_cpus or gpus * count > total_gpus:
+            raise ResourceError(f"{field}: {count} workers of {cpus:g} CPU and {gpus:g} GPU need more than the "
+                                f"cluster's {total_cpus:g} CPU and {total_gpus:g} GPU; lower search.workers or the "
+                                "per-worker resources")
+
+
 class MlflowReportCallback(UserCallback):
     """Forwards rank 0's per-epoch metrics of a Train run to its MLflow run (on the controller)."""
 
