@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.launch import check_cluster_fits, init_ray, run_evaluation_trials, run_search_task
+from orchestrator.launch import check_cluster_fits, describe_error, init_ray, run_evaluation_trials, run_search_task
 from orchestrator.plan import (
     GROUP_FOUND,
     STAGE_EVALUATE,
@@ -30,6 +30,7 @@ from orchestrator.tables import (
     write_tables,
 )
 from orchestrator.tracking import (
+    TAG_ERROR,
     TAG_GROUP,
     TAG_JOB_ID,
     TAG_JOB_NAME,
@@ -168,7 +169,8 @@ def _run_searches(spec: JobSpec, tracker: Tracker, parent_id: str, output_dir: P
             genotype = run_search_task(task, spec, tracker, run_id, output_dir)
         except Exception as error:  # one failed search must not stop the others
             logger.error("%s failed: %s", task.key, error)
-            failed[task.key] = str(error).splitlines()[0]
+            failed[task.key] = describe_error(error)
+            tracker.set_tags(run_id, {TAG_ERROR: f"{type(error).__name__}: {error}"[:4000]})
             tracker.finish(run_id, "FAILED")
             continue
         _finish_search_run(spec, tracker, run_id, genotype, time.time() - started)

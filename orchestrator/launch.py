@@ -14,7 +14,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from orchestrator.plan import EvalTask, SearchTask
 from orchestrator.spec import JobSpec, RaySpec
-from orchestrator.tracking import Tracker
+from orchestrator.tracking import TAG_ERROR, Tracker
 from search_spaces.darts import Genotype, genotype_from_json
 from search_spaces.errors import UnasError
 from workers.context import RunContext, configure_worker_logging
@@ -119,7 +119,7 @@ def run_search_task(task: SearchTask, spec: JobSpec, tracker: Tracker, run_id: s
     )
     result = trainer.fit()
     if result.error is not None:
-        raise LaunchError(f"search {task.key} failed: {result.error}")
+        raise LaunchError(f"search {task.key} failed: {describe_error(result.error)}")
     with result.checkpoint.as_directory() as folder:
         return genotype_from_json((Path(folder) / GENOTYPE_FILE).read_text())
 
@@ -154,7 +154,8 @@ def evaluation_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     started = time.time()
     try:
         outcome = run_evaluation(task.genotype, recipe, setup.spec.data_config(), context)
-    except BaseException:
+    except BaseException as error:
+        tracker.set_tags(run_id, {TAG_ERROR: f"{type(error).__name__}: {error}"[:4000]})
         tracker.finish(run_id, "FAILED")
         raise
     wall_time_s = time.time() - started
@@ -188,6 +189,12 @@ def run_evaluation_trials(spec: JobSpec, tasks: list[EvalTask], run_ids: list[st
     errors: dict[str, str | None] = {task.key: None for task in tasks}
     for result in results:
         if result.error is not None:
-            errors[tasks[result.config["task_index"]].key] = str(result.error).splitlines()[0]
+            errors[tasks[result.config["task_index"]].key] = describe_error(result.error)
     return errors
+
+
+def describe_error(error: BaseException) -> str:
+    """'Type: message' of the exception a Ray actor raised, without Ray's wrapper header."""
+    cause = getattr(error, "cause", None) or error
+    return f"{type(cause).__name__}: {cause}".splitlines()[0]
 

@@ -11,6 +11,8 @@ import math
 import platform
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,9 @@ TAG_METHOD = "unas.method"
 TAG_SEED = "unas.seed"
 TAG_SOURCE_KEY = "unas.source_key"
 TAG_SOURCE_RUN = "unas.source_run_id"
+TAG_ERROR = "unas.error"
+
+_PROBE_TIMEOUT_S = 10.0
 TAG_PARENT = "mlflow.parentRunId"
 TAG_RUN_NAME = "mlflow.runName"
 
@@ -60,6 +65,7 @@ class Tracker:
 
     def open(self) -> "Tracker":
         """Creates the store and the experiment if needed; reports an unreachable store at start."""
+        self._probe_server()
         try:
             experiment = self.client.get_experiment_by_name(self.experiment_name)
             if experiment is None:
@@ -71,6 +77,18 @@ class Tracker:
             raise TrackingError(f"tracking.uri: cannot use the MLflow store {self.tracking_uri!r}: {error}; "
                                 "check the URI or start the tracking server") from error
         return self
+
+    def _probe_server(self) -> None:
+        """A quick health check: MLflow's own client retries an unreachable server for minutes."""
+        if not self.tracking_uri.startswith(("http://", "https://")):
+            return
+        url = self.tracking_uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=_PROBE_TIMEOUT_S):
+                return
+        except (urllib.error.URLError, OSError) as error:
+            raise TrackingError(f"tracking.uri: the MLflow server {self.tracking_uri!r} is unreachable ({error}); "
+                                "start it or fix the URI") from None
 
     def find_run(self, tags: dict[str, str]):
         filters = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())

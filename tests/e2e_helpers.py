@@ -71,3 +71,43 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def kill_once_after_epoch(config: dict) -> None:
+    """A Ray Train loop that kills its own process once, right after reporting epoch `kill_epoch`."""
+    import signal
+
+    import torch
+
+    from workers.context import RayTrainContext
+    from workers.search import run_search
+
+    torch.set_num_threads(1)
+    marker = Path(config["marker"])
+
+    class KillingContext(RayTrainContext):
+        def report(self, metrics, checkpoint_dir):
+            super().report(metrics, checkpoint_dir)
+            if metrics["epoch"] == config["kill_epoch"] and not marker.exists():
+                marker.write_text("killed")
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    run_search(config["search"], config["data"], KillingContext())
+
+
+def raise_on_rank_one(config: dict) -> None:
+    """A 2-worker Ray Train loop whose rank 1 raises after its first epoch; rank 0 goes on."""
+    import torch
+
+    from workers.context import RayTrainContext
+    from workers.search import run_search
+
+    torch.set_num_threads(1)
+
+    class RaisingContext(RayTrainContext):
+        def report(self, metrics, checkpoint_dir):
+            super().report(metrics, checkpoint_dir)
+            if self.rank == 1:
+                raise RuntimeError("injected failure on rank 1")
+
+    run_search(config["search"], config["data"], RaisingContext())
