@@ -228,7 +228,7 @@ def _describe_eval_run(spec: JobSpec, task: EvalTask, tracker: Tracker, run_id: 
         if source is not None:
             tags[TAG_SOURCE_RUN] = source.info.run_id
     tracker.set_tags(run_id, tags)
-    tracker.log_params(run_id, vars(spec.eval_recipe(task.train_seed)))
+    tracker.log_params(run_id, vars(spec.eval_recipe(task.train_seed, task.genotype)))
     _log_genotype(tracker, run_id, task.genotype)
-    network = build_eval_network(task.genotype, spec.eval_recipe(task.train_seed), spec.data_config())
+    network = build_eval_network(task.genotype, spec.eval_recipe(task.train_seed, task.genotype), spec.data_config())
     tracker.log_metrics(run_id, {"params_m": count_params_m(network)})

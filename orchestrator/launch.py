@@ -2,6 +2,7 @@
 
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from orchestrator.plan import EvalTask, SearchTask
 from orchestrator.spec import JobSpec, RaySpec
 from orchestrator.tracking import TAG_ERROR, Tracker
 from search_spaces.darts import Genotype, genotype_from_json
+from search_spaces.darts.drawing import draw_genotype
 from search_spaces.errors import UnasError
 from workers.context import RunContext, configure_worker_logging
 from workers.evaluate import run_evaluation
@@ -85,6 +87,14 @@ class MlflowReportCallback(UserCallback):
         self.run_id = run_id
         self.label = label
 
+    def _log_genotype(self, genotype_json: str, epoch: int) -> None:
+        """The current genotype of the search, as JSON and as a drawing."""
+        self.tracker.log_text(self.run_id, genotype_json, f"genotypes/epoch_{epoch:04d}.json")
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / f"epoch_{epoch:04d}.png"
+            draw_genotype(genotype_from_json(genotype_json), path)
+            self.tracker.log_artifact(self.run_id, path, "genotypes")
+
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         if not metrics:
             return
@@ -92,7 +102,7 @@ class MlflowReportCallback(UserCallback):
         epoch = int(epoch_metrics.get("epoch", 0))
         self.tracker.log_metrics(self.run_id, epoch_metrics, step=epoch)
         if "genotype" in epoch_metrics:
-            self.tracker.log_text(self.run_id, epoch_metrics["genotype"], f"genotypes/epoch_{epoch:04d}.json")
+            self._log_genotype(epoch_metrics["genotype"], epoch)
         logger.info("%s: epoch %d, train_acc %.3f, entropy %.2f", self.label, epoch,
                     epoch_metrics.get("train_acc", float("nan")), epoch_metrics.get("entropy", float("nan")))
 
@@ -143,7 +153,7 @@ def evaluation_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     torch.set_num_threads(max(1, int(setup.spec.evaluate.trial_resources.cpus)))
     index = config["task_index"]
     task, run_id, tracker = setup.tasks[index], setup.run_ids[index], setup.tracker
-    recipe = setup.spec.eval_recipe(task.train_seed)
+    recipe = setup.spec.eval_recipe(task.train_seed, task.genotype)
 
     def report(metrics: dict[str, Any]) -> None:
         tracker.log_metrics(run_id, metrics, step=int(metrics["epoch"]))

@@ -7,12 +7,13 @@ allowed, before the driver takes any resource.
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from search_spaces.darts import GENOTYPES, OPS
+from search_spaces.darts import GENOTYPES, OPS, Genotype
+from search_spaces.darts.counting import CIFAR_CHANNELS, select_imagenet_channels
 from search_spaces.errors import UnasError
 from workers.config import DataConfig, EvalRecipe, SearchConfig
 from workers.data import DATASETS, describe_dataset
@@ -86,7 +87,9 @@ class SearchSpec(_Section):
 
 
 class RecipeSpec(_Section):
-    chs: int = Field(36, gt=0)
+    # "auto": 36 on CIFAR-sized data; on ImageNet the largest even C in [30, 70) whose
+    # multiply-adds (paper convention) stay under 600M, chosen per genotype.
+    chs: Annotated[int, Field(gt=0)] | Literal["auto"] = 36
     layers: int = Field(20, ge=3)
     epochs: int = Field(600, gt=0)
     batch_size: int = Field(128, gt=0)
@@ -157,8 +160,12 @@ class JobSpec(_Section):
         ops = tuple(self.search.ops) if self.search.ops else None
         return SearchConfig(**fields, estimator=method, seed=seed, ops=ops)
 
-    def eval_recipe(self, seed: int) -> EvalRecipe:
-        return EvalRecipe(**self.evaluate.recipe.model_dump(), seed=seed)
+    def eval_recipe(self, seed: int, genotype: Genotype) -> EvalRecipe:
+        """The recipe of one trial; channels "auto" resolve per genotype and data set."""
+        fields = self.evaluate.recipe.model_dump()
+        if fields["chs"] == "auto":
+            fields["chs"] = select_imagenet_channels(genotype) if self.data.name == "imagenet" else CIFAR_CHANNELS
+        return EvalRecipe(**fields, seed=seed)
 
 
 def _format_location(location: tuple) -> str:

@@ -54,6 +54,8 @@ def test_run_job_logs_genotypes_metrics_and_tables(finished_job):
         assert {"genotype.json", "genotype.png"} <= names
     search = stages["search"][0]
     assert len(client.get_metric_history(search.info.run_id, "train_loss")) == 2
+    drawings = {artifact.path for artifact in client.list_artifacts(search.info.run_id, "genotypes")}
+    assert {"genotypes/epoch_0002.json", "genotypes/epoch_0002.png"} <= drawings
     for run in stages["evaluate"]:
         assert len(client.get_metric_history(run.info.run_id, "test_acc")) == 2
         assert 0.0 <= run.data.metrics["final_test_error"] <= 1.0
