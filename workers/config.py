@@ -13,6 +13,12 @@ class DataConfig:
     test_fraction: float = 0.2  # held out for final tests; only for data sets without a test split
     validation_fraction: float = 0.1  # of the search data, for the architecture step
     split_seed: int = 0
+    # ImageNet only: side of the random-resized training crop and of the test centre crop, the
+    # size test images are resized to (shorter side) before that crop, and the brightness,
+    # contrast and saturation jitter of training images (0 turns jitter off).
+    crop_size: int = 224
+    resize_size: int = 256
+    color_jitter: float = 0.4
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,10 @@ class SearchConfig:
     epochs: int = 100
     warmup_epochs: int = 15
     batch_size: int = 64  # global, over all workers
+    # Linear scaling rule: the learning rates below (start and end of both cosines) are the values
+    # for a global batch of this size, and every step uses them times batch_size / this. Weight
+    # decays are not scaled.
+    reference_batch_size: int = 64
     weight_lr: float = 6e-4
     weight_lr_min: float = 1e-4
     weight_decay: float = 3e-4
@@ -64,4 +74,7 @@ class EvalRecipe:
     cutout: int = 16
     label_smoothing: float = 0.0
     seed: int = 0
-    loader_workers: int = 0
+    loader_workers: int = 0  # -1: sized from the trial's CPUs (0 for data sets held in memory)
+    # Linear scaling rule: lr and lr_min are the values for a global batch of this size, and every
+    # epoch uses them times batch_size / this. 0 turns scaling off. Weight decay is not scaled.
+    reference_batch_size: int = 0

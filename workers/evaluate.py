@@ -2,14 +2,27 @@
 
 The reported error is the one at the end of training; the minimum over epochs is logged
 beside it. A checkpoint every epoch lets an interrupted trial continue where it stopped.
+
+`paper_recipe` returns the published recipes with any field overridden:
+
+- CIFAR: 600 epochs, batch 128, SGD momentum 0.9, weight decay 3e-4, gradient clipping 5.
+  The lr warms up linearly to 0.05 over 30 epochs and then follows a cosine to 0. Training
+  images get cutout 16, drop path ramps up linearly to 0.2 (CIFAR-10) or 0.3 (CIFAR-100), and
+  the auxiliary head's loss has weight 0.4.
+- ImageNet: 250 epochs, 14 cells of 48 channels, SGD momentum 0.9, weight decay 3e-5, gradient
+  clipping 5. The lr is 0.1 per 128 images of global batch (linear scaling, see `lr_scale`)
+  after 5 warm-up epochs. The training loss uses label smoothing 0.1 and auxiliary weight 0.4.
+  There is no cutout and no drop path.
 """
 
+import dataclasses
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -19,19 +32,59 @@ from search_spaces.darts.counting import count_params_m
 from search_spaces.errors import UnasError
 from workers.config import DataConfig, EvalRecipe
 from workers.context import RunContext, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
-from workers.data import describe_dataset, load_eval_data
+from workers.data import describe_dataset, is_in_memory, load_eval_data
 from workers.training import all_reduce_gradients, all_reduce_mean, seed_everything, set_lr, shard_loader
 
 logger = logging.getLogger(__name__)
 
+PAPER_RECIPES: dict[str, EvalRecipe] = {
+    "cifar10": EvalRecipe(),
+    "cifar100": EvalRecipe(drop_path=0.3),
+    # UNAS (Vahdat et al., CVPR 2020) trains ImageNet with 128 images per GPU and lr 0.1 scaled
+    # linearly with the GPUs, which batch_size = 128 x GPUs reproduces here. The 14 cells of 48
+    # channels and the absence of drop path follow DARTS's train_imagenet.py defaults.
+    "imagenet": EvalRecipe(chs=48, layers=14, epochs=250, batch_size=128, lr=0.1, reference_batch_size=128,
+                           weight_decay=3e-5, warmup_epochs=5, drop_path=0.0, cutout=0, label_smoothing=0.1),
+}
+
+
+def paper_recipe(dataset: str, **overrides) -> EvalRecipe:
+    """Builds the published recipe of a data set with the given fields replaced."""
+    if dataset not in PAPER_RECIPES:
+        raise UnasError(f"evaluate.recipe: no published recipe for {dataset!r}; "
+                        f"known: {', '.join(PAPER_RECIPES)}")
+    fields = {field.name for field in dataclasses.fields(EvalRecipe)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise UnasError(f"evaluate.recipe: unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(fields))}")
+    return dataclasses.replace(PAPER_RECIPES[dataset], **overrides)
+
+
+def lr_scale(recipe: EvalRecipe) -> float:
+    """Returns the linear-scaling factor batch_size / reference_batch_size (1 when no reference is set).
+
+    The factor follows the global batch, not the number of workers, so one global batch split
+    over more or fewer GPUs trains with the same lr.
+    """
+    if recipe.reference_batch_size <= 0:
+        return 1.0
+    return recipe.batch_size / recipe.reference_batch_size
+
 
 def recipe_lr(recipe: EvalRecipe, epoch: int) -> float:
-    """The learning rate of an epoch (0-based): linear warm-up, then cosine to lr_min."""
+    """Returns the learning rate of an epoch (0-based): linear warm-up, then cosine to lr_min.
+
+    With W > 0 warm-up epochs, epoch e < W uses lr * (e + 1) / W, so epoch 0 already trains at
+    lr / W and epoch W - 1 reaches lr. The cosine then starts at lr in epoch W and would reach
+    lr_min at epoch `epochs`, one past the last. With W = 0, epoch 0 uses lr itself. Both lr
+    and lr_min are multiplied by `lr_scale(recipe)`.
+    """
+    peak, floor = recipe.lr * lr_scale(recipe), recipe.lr_min * lr_scale(recipe)
     if epoch < recipe.warmup_epochs:
-        return recipe.lr * (epoch + 1) / recipe.warmup_epochs
-    cosine_epochs = recipe.epochs - recipe.warmup_epochs
+        return peak * (epoch + 1) / recipe.warmup_epochs
+    cosine_epochs = max(1, recipe.epochs - recipe.warmup_epochs)
     progress = (epoch - recipe.warmup_epochs) / cosine_epochs
-    return recipe.lr_min + 0.5 * (recipe.lr - recipe.lr_min) * (1.0 + math.cos(math.pi * progress))
+    return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * progress))
 
 
 def drop_path_prob(recipe: EvalRecipe, epoch: int) -> float:
@@ -47,37 +100,94 @@ class EvalOutcome:
     epochs: int
 
 
+def network_config(recipe: EvalRecipe, data: DataConfig) -> NetworkConfig:
+    """Builds the evaluation network's shape; ImageNet gets the three-conv stride-8 stem."""
+    info = describe_dataset(data.name, data.root)
+    stem = "imagenet" if data.name == "imagenet" else "cifar"
+    return NetworkConfig(recipe.chs, recipe.layers, info.num_classes, in_chs=info.in_chs, stem=stem)
+
+
 def build_eval_network(genotype: Genotype, recipe: EvalRecipe, data: DataConfig) -> EvalNetwork:
-    info = describe_dataset(data.name)
-    config = NetworkConfig(recipe.chs, recipe.layers, info.num_classes, in_chs=info.in_chs)
-    return EvalNetwork(genotype, config, auxiliary=recipe.auxiliary_weight > 0)
+    return EvalNetwork(genotype, network_config(recipe, data), auxiliary=recipe.auxiliary_weight > 0)
 
 
-def train_epoch(network: EvalNetwork, optimizer, recipe: EvalRecipe, loader, device, world_size: int) -> dict[str, float]:
+def check_recipe(recipe: EvalRecipe, world_size: int, train_examples: int) -> None:
+    """Raises UnasError for a recipe this loop cannot run, naming the field and the fix."""
+    if recipe.epochs <= 0:
+        raise UnasError(f"evaluate.recipe.epochs: {recipe.epochs} is not allowed; train for at least one epoch")
+    if not 0 <= recipe.warmup_epochs < recipe.epochs:
+        raise UnasError(f"evaluate.recipe.warmup_epochs: {recipe.warmup_epochs} must be in 0..{recipe.epochs - 1} "
+                        f"(below epochs)")
+    if recipe.reference_batch_size < 0:
+        raise UnasError(f"evaluate.recipe.reference_batch_size: {recipe.reference_batch_size} is negative; "
+                        f"use 0 for no scaling")
+    if recipe.batch_size > train_examples:
+        raise UnasError(f"evaluate.recipe.batch_size: {recipe.batch_size} is larger than the {train_examples} "
+                        f"training examples; lower the batch size")
+    if recipe.batch_size % world_size:
+        raise UnasError(f"evaluate.recipe.batch_size: {recipe.batch_size} does not split evenly over "
+                        f"{world_size} workers; use a multiple of {world_size}")
+
+
+def trial_cpus() -> int:
+    """CPUs of this trial: Ray's assignment inside a Ray task or actor, else the CPU affinity."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            assigned = ray.get_runtime_context().get_assigned_resources().get("CPU")
+            if assigned:
+                return max(1, int(assigned))
+    except ImportError:
+        pass
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def resolve_loader_workers(recipe: EvalRecipe, data: DataConfig) -> int:
+    """recipe.loader_workers, or for -1 one loader process per trial CPU beside the training one."""
+    if recipe.loader_workers >= 0:
+        return recipe.loader_workers
+    if is_in_memory(data.name):
+        return 0
+    return max(0, trial_cpus() - 1)
+
+
+def training_loss(logits: torch.Tensor, aux_logits: torch.Tensor | None, labels: torch.Tensor,
+                  recipe: EvalRecipe) -> torch.Tensor:
+    """Cross-entropy with the recipe's label smoothing, plus the weighted auxiliary head's."""
+    loss = F.cross_entropy(logits, labels, label_smoothing=recipe.label_smoothing)
+    if aux_logits is not None:
+        aux_loss = F.cross_entropy(aux_logits, labels, label_smoothing=recipe.label_smoothing)
+        loss = loss + recipe.auxiliary_weight * aux_loss
+    return loss
+
+
+def train_epoch(network: EvalNetwork, optimizer: torch.optim.Optimizer, recipe: EvalRecipe, loader,
+                device: torch.device, world_size: int) -> dict[str, float]:
+    """Trains one pass over the loader; `lr` in the result is the one the optimizer stepped with."""
     network.train()
     loss_sum, correct, seen = 0.0, 0, 0
+    lr = optimizer.param_groups[0]["lr"]
     for images, labels in loader:
         images, labels = images.to(device), labels.to(device)
         logits, aux_logits = network(images)
-        loss = F.cross_entropy(logits, labels, label_smoothing=recipe.label_smoothing)
-        if aux_logits is not None:
-            loss = loss + recipe.auxiliary_weight * F.cross_entropy(aux_logits, labels,
-                                                                    label_smoothing=recipe.label_smoothing)
+        loss = training_loss(logits, aux_logits, labels, recipe)
         if not torch.isfinite(loss):
             raise FloatingPointError("non-finite training loss; the last good checkpoint is kept")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         all_reduce_gradients([p for p in network.parameters() if p.requires_grad], world_size)
         torch.nn.utils.clip_grad_norm_(network.parameters(), recipe.grad_clip)
+        lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         loss_sum += loss.item() * labels.shape[0]
         correct += int((logits.argmax(1) == labels).sum())
         seen += labels.shape[0]
-    return {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1)}
+    return {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1), "lr": lr}
 
 
 @torch.no_grad()
-def test_network(network: EvalNetwork, loader, device) -> dict[str, float]:
+def test_network(network: EvalNetwork, loader, device: torch.device) -> dict[str, float]:
     """Plain cross-entropy and accuracy on the test images (no smoothing, no augmentation)."""
     network.eval()
     loss_sum, correct, seen = 0.0, 0, 0
@@ -90,55 +200,76 @@ def test_network(network: EvalNetwork, loader, device) -> dict[str, float]:
     return {"test_loss": loss_sum / max(seen, 1), "test_acc": correct / max(seen, 1)}
 
 
+@dataclass
+class _Progress:
+    epoch: int = 0
+    test_error: float = 1.0
+    min_test_error: float = 1.0
+
+
+def _resume(network: EvalNetwork, optimizer: torch.optim.Optimizer, context: RunContext) -> _Progress:
+    with context.latest_checkpoint() as folder:
+        if folder is None:
+            return _Progress()
+        state = load_checkpoint(folder)
+    network.load_state_dict(state["network"])
+    optimizer.load_state_dict(state["optimizer"])
+    restore_rng_state(state["rng"])
+    logger.info("resumed the evaluation after epoch %d", state["epoch"])
+    return _Progress(state["epoch"], state["test_error"], state["min_test_error"])
+
+
+def _save_and_report(network: EvalNetwork, optimizer: torch.optim.Optimizer, progress: _Progress,
+                     metrics: dict[str, float], context: RunContext) -> None:
+    folder: Path | None = None
+    if context.rank == 0:
+        folder = save_checkpoint({"network": network.state_dict(), "optimizer": optimizer.state_dict(),
+                                  "epoch": progress.epoch, "min_test_error": progress.min_test_error,
+                                  "test_error": progress.test_error, "rng": capture_rng_state()})
+    try:
+        context.report(metrics, folder)
+    finally:
+        # The context has copied the checkpoint by now, or the report failed and stops the run.
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def run_evaluation(genotype: Genotype, recipe: EvalRecipe, data: DataConfig, context: RunContext) -> EvalOutcome:
     """Trains (or resumes) the genotype's network and returns its final and minimum test error."""
     train_set, test_set = load_eval_data(data, recipe.cutout)
-    if recipe.batch_size > len(train_set):
-        raise UnasError(f"evaluation.batch_size: {recipe.batch_size} is larger than the {len(train_set)} training "
-                        f"examples; lower the batch size")
+    check_recipe(recipe, context.world_size, len(train_set))
     device = context.device
+    loader_workers = resolve_loader_workers(recipe, data)
     seed_everything(recipe.seed)
     network = build_eval_network(genotype, recipe, data).to(device)
-    optimizer = torch.optim.SGD(network.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+    optimizer = torch.optim.SGD(network.parameters(), lr=recipe_lr(recipe, 0), momentum=recipe.momentum,
                                 weight_decay=recipe.weight_decay)
-    epoch, min_error, test_error = 0, 1.0, 1.0
-    with context.latest_checkpoint() as folder:
-        if folder is not None:
-            state = load_checkpoint(folder)
-            network.load_state_dict(state["network"])
-            optimizer.load_state_dict(state["optimizer"])
-            epoch, min_error, test_error = state["epoch"], state["min_test_error"], state["test_error"]
-            restore_rng_state(state["rng"])
-            logger.info("resumed the evaluation at epoch %d", epoch)
+    progress = _resume(network, optimizer, context)
 
-    while epoch < recipe.epochs:
+    while progress.epoch < recipe.epochs:
         started = time.perf_counter()
-        lr = recipe_lr(recipe, epoch)
-        set_lr(optimizer, lr)
-        network.set_drop_path_prob(drop_path_prob(recipe, epoch))
-        train_loader = shard_loader(train_set, recipe.batch_size, recipe.seed, epoch, context.rank,
-                                    context.world_size, shuffle=True, drop_last=True,
-                                    loader_workers=recipe.loader_workers)
+        set_lr(optimizer, recipe_lr(recipe, progress.epoch))
+        drop_prob = drop_path_prob(recipe, progress.epoch)
+        network.set_drop_path_prob(drop_prob)
+        train_loader = shard_loader(train_set, recipe.batch_size, recipe.seed, progress.epoch, context.rank,
+                                    context.world_size, shuffle=True, drop_last=True, loader_workers=loader_workers)
         train_metrics = train_epoch(network, optimizer, recipe, train_loader, device, context.world_size)
-        test_loader = shard_loader(test_set, recipe.batch_size, recipe.seed, epoch, context.rank,
-                                   context.world_size, shuffle=False, drop_last=False,
-                                   loader_workers=recipe.loader_workers)
+        test_loader = shard_loader(test_set, recipe.batch_size, recipe.seed, progress.epoch, context.rank,
+                                   context.world_size, shuffle=False, drop_last=False, loader_workers=loader_workers)
         test_metrics = all_reduce_mean(test_network(network, test_loader, device), context.world_size)
-        epoch += 1
-        test_error = 1.0 - test_metrics["test_acc"]
-        min_error = min(min_error, test_error)
-        metrics = {"epoch": epoch, **train_metrics, **test_metrics, "lr": lr,
-                   "test_error": test_error, "min_test_error": min_error,
+
+        progress.epoch += 1
+        progress.test_error = 1.0 - test_metrics["test_acc"]
+        progress.min_test_error = min(progress.min_test_error, progress.test_error)
+        metrics = {"epoch": progress.epoch, **train_metrics, **test_metrics, "drop_path_prob": drop_prob,
+                   "test_error": progress.test_error, "min_test_error": progress.min_test_error,
                    "epoch_time_s": time.perf_counter() - started}
-        folder = None
         if context.rank == 0:
-            folder = save_checkpoint({"network": network.state_dict(), "optimizer": optimizer.state_dict(),
-                                      "epoch": epoch, "min_test_error": min_error,
-                                      "test_error": test_error, "rng": capture_rng_state()})
-            logger.info("evaluation epoch %d/%d: train_acc %.3f test_acc %.3f", epoch, recipe.epochs,
-                        train_metrics["train_acc"], test_metrics["test_acc"])
-        context.report(metrics, folder)
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
-    return EvalOutcome(test_error=test_error, min_test_error=min_error,
-                       params_m=count_params_m(network), epochs=epoch)
+            logger.info("evaluation epoch %d/%d: lr %.4g train_acc %.3f test_acc %.3f", progress.epoch,
+                        recipe.epochs, train_metrics["lr"], train_metrics["train_acc"], test_metrics["test_acc"])
+        _save_and_report(network, optimizer, progress, metrics, context)
+
+    logger.info("evaluation done: final test error %.4f (minimum over epochs %.4f)", progress.test_error,
+                progress.min_test_error)
+    return EvalOutcome(test_error=progress.test_error, min_test_error=progress.min_test_error,
+                       params_m=count_params_m(network), epochs=progress.epoch)
