@@ -43,6 +43,9 @@ class DataSpec(_Section):
     download: bool = False
     test_fraction: float = Field(0.2, gt=0, lt=1)
     validation_fraction: float = Field(0.1, gt=0, lt=1)
+    crop_size: int = Field(224, gt=0)  # ImageNet only, like the two below
+    resize_size: int = Field(256, gt=0)
+    color_jitter: float = Field(0.4, ge=0)
 
 
 class ResourcesSpec(_Section):
@@ -103,6 +106,8 @@ class RecipeSpec(_Section):
     auxiliary_weight: float = Field(0.4, ge=0)
     cutout: int = Field(16, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    reference_batch_size: int = Field(0, ge=0)  # lr is tuned for this global batch; 0: use lr as given
+    loader_workers: int = Field(-1, ge=-1)  # -1: sized from the trial's CPUs
 
     @model_validator(mode="after")
     def _check_warmup(self) -> "RecipeSpec":
@@ -150,9 +155,7 @@ class JobSpec(_Section):
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
 
     def data_config(self) -> DataConfig:
-        return DataConfig(name=self.data.name, root=self.data.root, download=self.data.download,
-                          test_fraction=self.data.test_fraction, validation_fraction=self.data.validation_fraction,
-                          split_seed=self.seed)
+        return DataConfig(**self.data.model_dump(), split_seed=self.seed)
 
     def search_config(self, method: str, seed: int) -> SearchConfig:
         fields = self.search.model_dump(exclude={"space", "methods", "seeds", "workers", "worker_resources",
