@@ -20,7 +20,8 @@ from search_spaces.darts import Genotype, genotype_from_json
 from search_spaces.darts.drawing import draw_genotype
 from search_spaces.errors import UnasError
 from workers.context import RunContext, configure_worker_logging
-from workers.evaluate import run_evaluation
+from search_spaces.darts.counting import count_params_m
+from workers.evaluate import EvalOutcome, build_eval_network, evaluation_worker, run_evaluation
 from workers.search import GENOTYPE_FILE, search_worker
 
 logger = logging.getLogger(__name__)
@@ -57,8 +58,8 @@ def _resource_requests(spec: JobSpec) -> list[tuple[str, float, float, int]]:
         resources = spec.search.worker_resources
         requests.append(("search.worker_resources", resources.cpus, resources.gpus, spec.search.workers))
     if spec.evaluate is not None:
-        resources = spec.evaluate.trial_resources
-        requests.append(("evaluate.trial_resources", resources.cpus, resources.gpus, 1))
+        resources, workers = spec.evaluate.trial_resources, spec.evaluate.workers
+        requests.append(("evaluate.trial_resources", resources.cpus / workers, resources.gpus / workers, workers))
     return requests
 
 
@@ -159,11 +160,14 @@ def evaluation_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         tracker.log_metrics(run_id, metrics, step=int(metrics["epoch"]))
         tune.report({key: value for key, value in metrics.items() if isinstance(value, int | float)})
 
-    context = RunContext(Path(setup.checkpoint_root) / task.key, on_report=report)
     tracker.client.update_run(run_id, status="RUNNING")  # a retried trial reopens its run
     started = time.time()
     try:
-        outcome = run_evaluation(task.genotype, recipe, setup.spec.data_config(), context)
+        if setup.spec.evaluate.workers > 1:
+            outcome = _run_evaluation_group(setup, task, run_id, recipe)
+        else:
+            context = RunContext(Path(setup.checkpoint_root) / task.key, on_report=report)
+            outcome = run_evaluation(task.genotype, recipe, setup.spec.data_config(), context)
     except BaseException as error:
         tracker.set_tags(run_id, {TAG_ERROR: f"{type(error).__name__}: {error}"[:4000]})
         tracker.finish(run_id, "FAILED")
@@ -178,15 +182,53 @@ def evaluation_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     tracker.finish(run_id)
 
 
+def _run_evaluation_group(setup: TrialSetup, task: EvalTask, run_id: str, recipe) -> EvalOutcome:
+    """Runs one evaluation as a Ray Train worker group inside the trial's resources."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    evaluate = setup.spec.evaluate
+    workers = evaluate.workers
+    use_gpu = evaluate.trial_resources.gpus > 0
+    per_worker = {"CPU": evaluate.trial_resources.cpus / workers}
+    if use_gpu:
+        per_worker["GPU"] = evaluate.trial_resources.gpus / workers
+    trainer = TorchTrainer(
+        evaluation_worker,
+        train_loop_config={"genotype": task.genotype.to_json(), "recipe": recipe, "data": setup.spec.data_config()},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=per_worker),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=f"{setup.spec.job_id()}-{task.key}",
+            storage_path=str(Path(setup.checkpoint_root).parent / "ray"),
+            failure_config=FailureConfig(max_failures=1),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=[MlflowReportCallback(setup.tracker, run_id, task.key), TuneReportCallback()],
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise LaunchError(f"evaluation {task.key} failed: {describe_error(result.error)}")
+    metrics = result.metrics
+    network = build_eval_network(task.genotype, recipe, setup.spec.data_config())
+    return EvalOutcome(test_error=metrics["test_error"], min_test_error=metrics["min_test_error"],
+                       params_m=count_params_m(network), epochs=int(metrics["epoch"]))
+
+
+def _trial_resources(spec: JobSpec) -> dict[str, float]:
+    """A trial that runs a worker group only coordinates: the group holds the real resources."""
+    resources = spec.evaluate.trial_resources
+    if spec.evaluate.workers > 1:
+        return {"cpu": 0.01, "gpu": 0}
+    return {"cpu": resources.cpus, "gpu": resources.gpus}
+
+
 def run_evaluation_trials(spec: JobSpec, tasks: list[EvalTask], run_ids: list[str], tracker: Tracker,
                           output_dir: Path) -> dict[str, str | None]:
     """Runs the tasks as parallel Tune trials; returns each task key's error message (None: finished)."""
     if not tasks:
         return {}
-    resources = spec.evaluate.trial_resources
     setup = TrialSetup(spec, tasks, run_ids, tracker, str((output_dir / "checkpoints").resolve()))
-    trainable = tune.with_resources(tune.with_parameters(evaluation_trial, setup=setup),
-                                    {"cpu": resources.cpus, "gpu": resources.gpus})
+    trainable = tune.with_resources(tune.with_parameters(evaluation_trial, setup=setup), _trial_resources(spec))
     tuner = tune.Tuner(
         trainable,
         param_space={"task_index": tune.grid_search(list(range(len(tasks))))},

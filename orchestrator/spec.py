@@ -124,6 +124,9 @@ class EvaluateSpec(_Section):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     recipe: RecipeSpec = RecipeSpec()
     trial_resources: ResourcesSpec = ResourcesSpec()
+    # Above 1, each trial runs a Ray Train worker group of this size (DDP) that splits the
+    # trial's resources evenly: 8 for a trial of 8 GPUs.
+    workers: int = Field(1, ge=1)
     max_concurrent: int = Field(4, ge=1)
 
 

@@ -273,3 +273,16 @@ def run_evaluation(genotype: Genotype, recipe: EvalRecipe, data: DataConfig, con
                 progress.min_test_error)
     return EvalOutcome(test_error=progress.test_error, min_test_error=progress.min_test_error,
                        params_m=count_params_m(network), epochs=progress.epoch)
+
+
+def evaluation_worker(config: dict) -> None:
+    """Ray Train entry point of an evaluation that spans several workers (DDP over the group).
+
+    config holds 'genotype' (JSON), 'recipe' (EvalRecipe) and 'data' (DataConfig); the final
+    and minimum test errors are in the last epoch's reported metrics.
+    """
+    from search_spaces.darts import genotype_from_json
+    from workers.context import RayTrainContext, configure_worker_logging
+
+    configure_worker_logging()
+    run_evaluation(genotype_from_json(config["genotype"]), config["recipe"], config["data"], RayTrainContext())
