@@ -187,7 +187,7 @@ def _finish_search_run(spec: JobSpec, tracker: Tracker, run_id: str, genotype: G
 
 
 def _log_genotype(tracker: Tracker, run_id: str, genotype: Genotype) -> None:
-    """The genotype as JSON and as a drawing of its two cells."""
+    """Logs the genotype as JSON and as a drawing of its two cells."""
     tracker.log_text(run_id, genotype_artifact_json(genotype), GENOTYPE_ARTIFACT)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / GENOTYPE_DRAWING

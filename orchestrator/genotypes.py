@@ -10,7 +10,7 @@ from search_spaces.errors import GenotypeError
 
 
 def resolve_genotype(name_or_path: str) -> Genotype:
-    """A registered name, or the path of a genotype JSON file."""
+    """Looks up a registered name, or loads the genotype JSON file at that path."""
     if name_or_path in GENOTYPES:
         return get_genotype(name_or_path)
     path = Path(name_or_path)

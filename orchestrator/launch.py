@@ -89,7 +89,7 @@ class MlflowReportCallback(UserCallback):
         self.label = label
 
     def _log_genotype(self, genotype_json: str, epoch: int) -> None:
-        """The current genotype of the search, as JSON and as a drawing."""
+        """Logs the current genotype of the search as JSON and as a drawing."""
         self.tracker.log_text(self.run_id, genotype_json, f"genotypes/epoch_{epoch:04d}.json")
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / f"epoch_{epoch:04d}.png"
@@ -137,7 +137,7 @@ def run_search_task(task: SearchTask, spec: JobSpec, tracker: Tracker, run_id: s
 
 @dataclass(frozen=True)
 class TrialSetup:
-    """What every evaluation trial needs, shipped once through tune.with_parameters."""
+    """Inputs shared by every evaluation trial, shipped once through tune.with_parameters."""
 
     spec: JobSpec
     tasks: list[EvalTask]
@@ -215,7 +215,7 @@ def _run_evaluation_group(setup: TrialSetup, task: EvalTask, run_id: str, recipe
 
 
 def _trial_resources(spec: JobSpec) -> dict[str, float]:
-    """A trial that runs a worker group only coordinates: the group holds the real resources."""
+    """Returns a trial's resources; a trial that starts a worker group only coordinates it, so the group takes the real resources."""
     resources = spec.evaluate.trial_resources
     if spec.evaluate.workers > 1:
         return {"cpu": 0.01, "gpu": 0}

@@ -20,7 +20,7 @@ def build_report(output: str | None = None, tracking_uri: str | None = None, job
     if output is not None:
         database = Path(output) / "mlflow.db"
         if not database.is_file():
-            raise UnasError(f"--output: {output!r} holds no mlflow.db; give the output folder of a job")
+            raise UnasError(f"--output: {output!r} contains no mlflow.db; give the output folder of a job")
         tracking_uri = tracking_uri or default_tracking_uri(Path(output))
     experiment = job or _only_experiment(tracking_uri)
     tracker = Tracker(tracking_uri, experiment)
@@ -42,6 +42,6 @@ def _only_experiment(tracking_uri: str) -> str:
 
     names = [e.name for e in MlflowClient(tracking_uri).search_experiments() if e.name != "Default"]
     if len(names) != 1:
-        raise UnasError(f"--job: the store holds {len(names)} job experiments ({', '.join(names) or 'none'}); "
+        raise UnasError(f"--job: the store contains {len(names)} job experiments ({', '.join(names) or 'none'}); "
                         "name one with --job")
     return names[0]

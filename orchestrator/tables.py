@@ -83,7 +83,7 @@ CELL_COLUMNS = ["key", "group", "label", "status", "test_accuracy_pct", "test_er
 
 
 def build_cells_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per evaluation run: every trained cell with its final test accuracy."""
+    """Builds one row per evaluation run: every trained cell with its final test accuracy."""
     if runs.empty:
         return pd.DataFrame(columns=CELL_COLUMNS)
     evals = runs[_column(runs, f"tags.{TAG_STAGE}") == STAGE_EVALUATE]

@@ -79,7 +79,7 @@ class Tracker:
         return self
 
     def _probe_server(self) -> None:
-        """A quick health check: MLflow's own client retries an unreachable server for minutes."""
+        """Checks an HTTP server's health quickly, since MLflow's own client retries an unreachable server for minutes."""
         if not self.tracking_uri.startswith(("http://", "https://")):
             return
         url = self.tracking_uri.rstrip("/") + "/health"
@@ -139,7 +139,7 @@ class Tracker:
 
 
 def provenance_tags() -> dict[str, str]:
-    """Git commit and library versions, so every run says what produced it."""
+    """Returns the git commit and library versions, so every run records what produced it."""
     import mlflow
     import ray
     import torch

@@ -86,11 +86,11 @@ class ArchitectureDistribution(nn.Module):
         return weights
 
     def genotype(self) -> Genotype:
-        """The per-edge argmax of input and op logits."""
+        """Derives the genotype: the per-edge argmax of input and op logits."""
         return genotype_from_choices(self.op_names, [int(phi.argmax()) for phi in self.arch_logits])
 
     def genotype_of(self, sample: Sample, index: int = 0) -> Genotype:
-        """The genotype of one example of a one-hot sample."""
+        """Returns the genotype of one example of a one-hot sample."""
         return genotype_from_choices(self.op_names, [int(s[index].argmax()) for s in sample])
 
 
@@ -114,7 +114,7 @@ def genotype_from_choices(op_names: tuple[str, ...], choices: list[int]) -> Geno
 
 
 def random_genotype(seed: int, op_names: tuple[str, ...]) -> Genotype:
-    """A cell pair drawn uniformly from the distribution with zero logits."""
+    """Draws a cell pair uniformly (the distribution with zero logits)."""
     rng = random.Random(seed)
     choices = [rng.randrange(node + 2 if kind == "input" else len(op_names)) for _, node, _, kind in categorical_layout()]
     return genotype_from_choices(op_names, choices)

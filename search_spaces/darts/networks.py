@@ -76,7 +76,7 @@ def _cell_channels(config: NetworkConfig):
         prev_prev_chs = prev_chs = config.stem_multiplier * config.chs
         reduction_prev = False
     else:
-        # The ImageNet stem's last conv strides, so the first cell sees a reduced c(k-2).
+        # The ImageNet stem's last conv strides, so the first cell receives a reduced c(k-2).
         prev_prev_chs = prev_chs = config.chs
         reduction_prev = True
     chs = config.chs
