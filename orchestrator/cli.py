@@ -68,13 +68,15 @@ def command_report(args: argparse.Namespace) -> int:
 
 
 def command_genotype_show(args: argparse.Namespace) -> int:
-    from orchestrator.genotypes import show_genotype
+    from orchestrator.genotypes import show_genotype, show_proxyless_genotype
 
-    summary = show_genotype(args.genotype, args.dataset, draw_path=args.draw)
-    if args.json:
-        print(json.dumps({key: summary[key] for key in ("params_m", "madds_m", "madds_paper_m", "channels", "layers")}))
+    if args.space == "proxyless":
+        summary = show_proxyless_genotype(args.genotype, latency=args.latency)
+        keys = ("params_m", "madds_m", "layers") + (("latency_ms",) if args.latency else ())
     else:
-        print(summary["text"])
+        summary = show_genotype(args.genotype, args.dataset, draw_path=args.draw)
+        keys = ("params_m", "madds_m", "madds_paper_m", "channels", "layers")
+    print(json.dumps({key: summary[key] for key in keys}) if args.json else summary["text"])
     return EXIT_OK
 
 
@@ -114,7 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     genotype_commands = genotype.add_subparsers(dest="genotype_command", required=True)
     show = genotype_commands.add_parser("show", help="layers, channels, params and multiply-adds of a genotype")
     show.add_argument("genotype", help="a known name (e.g. UNAS_CIFAR10) or a genotype JSON file")
-    show.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "imagenet"])
+    show.add_argument("--space", default="darts", choices=["darts", "proxyless"])
+    show.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "imagenet"],
+                      help="DARTS space only; proxyless networks are sized for ImageNet")
+    show.add_argument("--latency", action="store_true", help="proxyless space: also time the network on this device")
     show.add_argument("--json", action="store_true", help="print one JSON object")
     show.add_argument("--draw", metavar="PNG", help="also draw the normal and reduce cells")
     show.set_defaults(handler=command_genotype_show)

@@ -10,7 +10,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.launch import check_cluster_fits, describe_error, init_ray, run_evaluation_trials, run_search_task
+from orchestrator.launch import (
+    check_cluster_fits,
+    describe_error,
+    init_ray,
+    parse_genotype,
+    run_evaluation_trials,
+    run_search_task,
+)
 from orchestrator.plan import (
     GROUP_FOUND,
     STAGE_EVALUATE,
@@ -20,7 +27,7 @@ from orchestrator.plan import (
     plan_evaluations,
     plan_searches,
 )
-from orchestrator.spec import JobSpec
+from orchestrator.spec import JobSpec, SearchSpec
 from orchestrator.tables import (
     build_cells_table,
     build_results_table,
@@ -48,7 +55,7 @@ from orchestrator.tracking import (
     is_finished,
     provenance_tags,
 )
-from search_spaces.darts import Genotype, genotype_from_json
+from search_spaces.darts import Genotype
 from search_spaces.darts.drawing import draw_genotype
 from search_spaces.errors import UnasError
 from workers.data import check_data_available
@@ -158,7 +165,7 @@ def _run_searches(spec: JobSpec, tracker: Tracker, parent_id: str, output_dir: P
     for task in plan_searches(spec):
         run_id, status = tracker.find_or_create_run(task.key, _child_tags(spec.job_id(), parent_id, STAGE_SEARCH, task.key))
         if is_finished(status):
-            found[task] = _load_run_genotype(tracker, run_id)
+            found[task] = _load_run_genotype(tracker, run_id, spec.search)
             logger.info("%s: reusing the finished search run %s", task.key, run_id)
             continue
         tracker.set_tags(run_id, {TAG_METHOD: task.method, TAG_SEED: task.seed})
@@ -187,17 +194,19 @@ def _finish_search_run(spec: JobSpec, tracker: Tracker, run_id: str, genotype: G
 
 
 def _log_genotype(tracker: Tracker, run_id: str, genotype: Genotype) -> None:
-    """Logs the genotype as JSON and as a drawing of its two cells."""
+    """Logs the genotype as JSON and, for a DARTS genotype, as a drawing of its two cells."""
     tracker.log_text(run_id, genotype_artifact_json(genotype), GENOTYPE_ARTIFACT)
+    if not isinstance(genotype, Genotype):
+        return
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / GENOTYPE_DRAWING
         draw_genotype(genotype, path)
         tracker.log_artifact(run_id, path)
 
 
-def _load_run_genotype(tracker: Tracker, run_id: str) -> Genotype:
+def _load_run_genotype(tracker: Tracker, run_id: str, search: SearchSpec):
     local_path = tracker.client.download_artifacts(run_id, GENOTYPE_ARTIFACT)
-    return genotype_from_json(Path(local_path).read_text())
+    return parse_genotype(search, Path(local_path).read_text())
 
 
 def _run_evaluations(spec: JobSpec, tasks: list[EvalTask], found: dict[SearchTask, Genotype], tracker: Tracker,

@@ -34,3 +34,24 @@ def show_genotype(name_or_path: str, dataset: str, draw_path: str | None = None)
         draw_genotype(genotype, draw_path)
         lines.append(f"drawing: {draw_path}")
     return {**summary, "text": "\n".join(lines)}
+
+
+def show_proxyless_genotype(name_or_path: str, latency: bool = False) -> dict[str, Any]:
+    """Params, multiply-adds and (when asked) the latency on this device of a proxyless network."""
+    from search_spaces import proxyless
+    from workers.latency import describe_proxyless
+
+    if name_or_path in proxyless.GENOTYPES:
+        genotype = proxyless.get_genotype(name_or_path)
+    elif Path(name_or_path).is_file():
+        genotype = proxyless.load_genotype(name_or_path)
+    else:
+        raise GenotypeError(f"proxyless genotype {name_or_path!r} is neither a known name nor a file; "
+                            f"known names: {', '.join(proxyless.GENOTYPES.names())}")
+    summary = describe_proxyless(genotype, latency=latency)
+    lines = [genotype.describe(), f"params: {summary['params_m']:.3f} M",
+             f"multiply-adds: {summary['madds_m']:.1f} M (conv+linear, 224x224)"]
+    if latency:
+        lines.append(f"latency: {summary['latency_ms']:.2f} ms on {summary['latency_device']} "
+                     f"(batch {summary['latency_batch_size']})")
+    return {**summary, "text": "\n".join(lines)}

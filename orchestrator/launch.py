@@ -14,7 +14,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig,
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from orchestrator.plan import EvalTask, SearchTask
-from orchestrator.spec import JobSpec, RaySpec
+from orchestrator.spec import JobSpec, RaySpec, SearchSpec
 from orchestrator.tracking import TAG_ERROR, Tracker
 from search_spaces.darts import Genotype, genotype_from_json
 from search_spaces.darts.drawing import draw_genotype
@@ -22,6 +22,8 @@ from search_spaces.errors import UnasError
 from workers.context import RunContext, configure_worker_logging
 from search_spaces.darts.counting import count_params_m
 from workers.evaluate import EvalOutcome, build_eval_network, evaluation_worker, run_evaluation
+from search_spaces import proxyless
+from workers.proxyless_search import SURROGATE_FILE, proxyless_search_worker
 from workers.search import GENOTYPE_FILE, search_worker
 
 logger = logging.getLogger(__name__)
@@ -83,14 +85,17 @@ def check_cluster_fits(spec: JobSpec) -> None:
 class MlflowReportCallback(UserCallback):
     """Forwards rank 0's per-epoch metrics of a Train run to its MLflow run (on the controller)."""
 
-    def __init__(self, tracker: Tracker, run_id: str, label: str):
+    def __init__(self, tracker: Tracker, run_id: str, label: str, draw: bool = True):
         self.tracker = tracker
         self.run_id = run_id
         self.label = label
+        self.draw = draw  # cell drawings exist for the DARTS space only
 
     def _log_genotype(self, genotype_json: str, epoch: int) -> None:
         """Logs the current genotype of the search as JSON and as a drawing."""
         self.tracker.log_text(self.run_id, genotype_json, f"genotypes/epoch_{epoch:04d}.json")
+        if not self.draw:
+            return
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / f"epoch_{epoch:04d}.png"
             draw_genotype(genotype_from_json(genotype_json), path)
@@ -115,8 +120,9 @@ def run_search_task(task: SearchTask, spec: JobSpec, tracker: Tracker, run_id: s
     resources = {"CPU": search.worker_resources.cpus}
     if use_gpu:
         resources["GPU"] = search.worker_resources.gpus
+    worker = proxyless_search_worker if search.space == "proxyless" else search_worker
     trainer = TorchTrainer(
-        search_worker,
+        worker,
         train_loop_config={"search": spec.search_config(task.method, task.seed), "data": spec.data_config()},
         scaling_config=ScalingConfig(num_workers=search.workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -125,14 +131,26 @@ def run_search_task(task: SearchTask, spec: JobSpec, tracker: Tracker, run_id: s
             storage_path=str((output_dir / "ray").resolve()),
             failure_config=FailureConfig(max_failures=search.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=[MlflowReportCallback(tracker, run_id, task.key)],
+            callbacks=[MlflowReportCallback(tracker, run_id, task.key, draw=search.space == "darts")],
         ),
     )
     result = trainer.fit()
     if result.error is not None:
         raise LaunchError(f"search {task.key} failed: {describe_error(result.error)}")
     with result.checkpoint.as_directory() as folder:
-        return genotype_from_json((Path(folder) / GENOTYPE_FILE).read_text())
+        surrogate = Path(folder) / SURROGATE_FILE
+        if surrogate.is_file():
+            # Kept per device, so later jobs on the same device can reuse the fitted surrogate.
+            tracker.log_artifact(run_id, surrogate, "latency")
+        return parse_genotype(search, (Path(folder) / GENOTYPE_FILE).read_text())
+
+
+def parse_genotype(search: SearchSpec, text: str):
+    """Reads a genotype JSON of the search's space (and depth, for the proxyless space)."""
+    if search.space == "proxyless":
+        layers_per_stage = (search.model_extra or {}).get("layers_per_stage", 4)
+        return proxyless.genotype_from_json(text, layers_per_stage=layers_per_stage)
+    return genotype_from_json(text)
 
 
 @dataclass(frozen=True)

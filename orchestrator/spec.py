@@ -4,6 +4,7 @@
 allowed, before the driver takes any resource.
 """
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -18,8 +19,9 @@ from search_spaces.errors import UnasError
 from workers.config import DataConfig, EvalRecipe, SearchConfig
 from workers.data import DATASETS, describe_dataset
 from workers.estimators import estimator_names
+from workers.proxyless_search import ProxylessSearchConfig
 
-SEARCH_SPACES = ("darts",)
+SEARCH_SPACES = ("darts", "proxyless")
 
 
 class SpecError(UnasError):
@@ -54,6 +56,10 @@ class ResourcesSpec(_Section):
 
 
 class SearchSpec(_Section):
+    # Settings of one space only (the ProxylessNAS latency fields) pass the shape check and are
+    # checked against that space's config afterwards.
+    model_config = ConfigDict(extra="allow", frozen=True)
+
     space: str = "darts"
     methods: list[str] = Field(default_factory=lambda: ["rebar"], min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
@@ -160,11 +166,20 @@ class JobSpec(_Section):
     def data_config(self) -> DataConfig:
         return DataConfig(**self.data.model_dump(), split_seed=self.seed)
 
-    def search_config(self, method: str, seed: int) -> SearchConfig:
+    def search_config(self, method: str, seed: int) -> SearchConfig | ProxylessSearchConfig:
+        if self.search.space == "proxyless":
+            return self._proxyless_search_config(method, seed)
         fields = self.search.model_dump(exclude={"space", "methods", "seeds", "workers", "worker_resources",
                                                  "max_failures", "ops"})
         ops = tuple(self.search.ops) if self.search.ops else None
         return SearchConfig(**fields, estimator=method, seed=seed, ops=ops)
+
+    def _proxyless_search_config(self, method: str, seed: int) -> ProxylessSearchConfig:
+        """Only the fields the spec sets: the space's own defaults differ from the cell search's."""
+        names = {item.name for item in dataclasses.fields(ProxylessSearchConfig)}
+        given = self.search.model_dump(exclude_unset=True)
+        fields = {key: value for key, value in given.items() if key in names}
+        return ProxylessSearchConfig(**fields, estimator=method, seed=seed)
 
     def eval_recipe(self, seed: int, genotype: Genotype) -> EvalRecipe:
         """The recipe of one trial; channels "auto" resolve per genotype and data set."""
@@ -208,7 +223,7 @@ def _semantic_problems(spec: JobSpec) -> list[str]:
 
 
 def _search_problems(search: SearchSpec) -> list[str]:
-    problems = []
+    problems = _extra_field_problems(search)
     if search.space not in SEARCH_SPACES:
         problems.append(f"search.space: {search.space!r} is not a known search space; valid: {', '.join(SEARCH_SPACES)}")
     for i, method in enumerate(search.methods):
@@ -226,12 +241,46 @@ def _search_problems(search: SearchSpec) -> list[str]:
     return problems
 
 
+def _raw_extra_field_problems(data: dict) -> list[str]:
+    """Unknown search fields of a spec that failed its shape check (they pass that check)."""
+    search = data.get("search")
+    if not isinstance(search, dict):
+        return []
+    known = set(SearchSpec.model_fields)
+    if search.get("space") == "proxyless":
+        known |= {item.name for item in dataclasses.fields(ProxylessSearchConfig)}
+    return [f"search.{name}: unknown field; remove it or check its spelling" for name in search if name not in known]
+
+
+def _extra_field_problems(search: SearchSpec) -> list[str]:
+    """Fields beyond the cell search's are allowed only where the space's config has them."""
+    extra = sorted(search.model_extra or {})
+    if search.space != "proxyless":
+        return [f"search.{name}: unknown field; remove it or check its spelling" for name in extra]
+    known = {item.name for item in dataclasses.fields(ProxylessSearchConfig)}
+    problems = [f"search.{name}: unknown field of the proxyless space; remove it or check its spelling"
+                for name in extra if name not in known]
+    if not problems:
+        problems += _proxyless_config_problems(search)
+    return problems
+
+
+def _proxyless_config_problems(search: SearchSpec) -> list[str]:
+    try:
+        JobSpec.model_construct(search=search)._proxyless_search_config(search.methods[0], 0)
+    except (UnasError, TypeError, ValueError) as error:
+        return [str(error)]
+    return []
+
+
 def _evaluate_problems(spec: JobSpec) -> list[str]:
     evaluate = spec.evaluate
     problems = []
     for i, name in enumerate(evaluate.named):
         if name not in GENOTYPES:
             problems.append(f"evaluate.named.{i}: {name!r} is not a known genotype; valid: {', '.join(GENOTYPES.names())}")
+    if evaluate.found and spec.search is not None and spec.search.space == "proxyless":
+        problems.append("evaluate.found: evaluating proxyless genotypes is not supported yet; set it to false")
     if evaluate.found and spec.search is None:
         problems.append("evaluate.found: true needs a search section to find cells; set it to false or add search")
     if not (evaluate.found and spec.search) and not evaluate.named and not evaluate.random_cells:
@@ -264,7 +313,7 @@ def parse_spec(data: Any, source: str = "spec") -> JobSpec:
     try:
         spec = JobSpec.model_validate(data)
     except ValidationError as error:
-        problems = _pydantic_problems(error)
+        problems = _pydantic_problems(error) + _raw_extra_field_problems(data)
         raise SpecError(f"{source}: {len(problems)} problem(s)\n  " + "\n  ".join(problems), problems) from None
     problems = _semantic_problems(spec) + _size_problems(spec)
     if problems:

@@ -37,6 +37,8 @@ def build_results_table(runs: pd.DataFrame) -> pd.DataFrame:
     stage = _column(runs, f"tags.{TAG_STAGE}")
     evals = runs[stage == STAGE_EVALUATE]
     searches = runs[stage == STAGE_SEARCH]
+    if evals.empty:
+        return pd.DataFrame(columns=COLUMNS)
     rows = []
     for (group, label), cells in evals.groupby([f"tags.{TAG_GROUP}", _row_label(evals)], sort=False):
         rows.append(_summarise(group, label, cells, searches))
@@ -87,6 +89,8 @@ def build_cells_table(runs: pd.DataFrame) -> pd.DataFrame:
     if runs.empty:
         return pd.DataFrame(columns=CELL_COLUMNS)
     evals = runs[_column(runs, f"tags.{TAG_STAGE}") == STAGE_EVALUATE]
+    if evals.empty:
+        return pd.DataFrame(columns=CELL_COLUMNS)
     final_error = _column(evals, "metrics.final_test_error").astype(float)
     table = pd.DataFrame({
         "key": evals[f"tags.{TAG_KEY}"],
