@@ -17,7 +17,7 @@ from search_spaces.darts import GENOTYPES, OPS, Genotype
 from search_spaces.darts.counting import CIFAR_CHANNELS, select_imagenet_channels
 from search_spaces.errors import UnasError
 from workers.config import DataConfig, EvalRecipe, SearchConfig
-from workers.data import DATASETS, describe_dataset
+from workers.data import DATASETS
 from workers.estimators import estimator_names
 from workers.proxyless_search import ProxylessSearchConfig
 

@@ -9,11 +9,10 @@ the batch size for per-example sampling and 1 for per-minibatch sampling.
 import random
 
 import torch
-from torch import nn
 
+from search_spaces.categorical import CategoricalArchitecture, Sample
 from search_spaces.darts.genotype import CELL_TYPES, EDGES_PER_NODE, NUM_NODES, Edge, Genotype
 
-Sample = list[torch.Tensor]
 
 
 def categorical_layout() -> list[tuple[str, int, int, str]]:
@@ -25,53 +24,15 @@ def categorical_layout() -> list[tuple[str, int, int, str]]:
             for kind in ("input", "op")]
 
 
-class ArchitectureDistribution(nn.Module):
-    """Architecture logits (phi) with sampling, log-probability, entropy and genotype derivation."""
+class ArchitectureDistribution(CategoricalArchitecture):
+    """Architecture logits (phi) of both cells, with supernet weights and genotype derivation."""
 
     def __init__(self, op_names: tuple[str, ...], softening_eps: float = 0.0):
-        super().__init__()
+        layout = categorical_layout()
+        super().__init__([node + 2 if kind == "input" else len(op_names) for _, node, _, kind in layout],
+                         softening_eps)
         self.op_names = tuple(op_names)
-        self.softening_eps = softening_eps
-        self.layout = categorical_layout()
-        self.arch_logits = nn.ParameterList(
-            nn.Parameter(torch.zeros(node + 2 if kind == "input" else len(self.op_names)))
-            for _, node, _, kind in self.layout
-        )
-
-    def normalized_logits(self) -> list[torch.Tensor]:
-        """Log-probabilities, softened to log(softmax(phi) + eps) when eps > 0."""
-        if self.softening_eps > 0:
-            return [torch.log(torch.softmax(phi, -1) + self.softening_eps) for phi in self.arch_logits]
-        return [torch.log_softmax(phi, -1) for phi in self.arch_logits]
-
-    def sample_discrete(self, batch_size: int, generator: torch.Generator | None = None) -> Sample:
-        sample = []
-        for logits in self.normalized_logits():
-            # Drawn on the CPU so that a CPU generator serves any device.
-            probs = torch.softmax(logits.detach().cpu(), -1).expand(batch_size, -1)
-            index = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-            sample.append(nn.functional.one_hot(index, logits.numel()).to(logits))
-        return sample
-
-    def sample_relaxed(self, batch_size: int, tau: float, generator: torch.Generator | None = None) -> Sample:
-        """Gumbel-softmax samples at temperature tau, differentiable in the logits."""
-        sample = []
-        for logits in self.normalized_logits():
-            uniform = torch.rand(batch_size, logits.numel(), generator=generator).clamp_(1e-10, 1 - 1e-7)
-            gumbel = -torch.log(-torch.log(uniform)).to(logits.device)
-            sample.append(torch.softmax((logits + gumbel) / tau, -1))
-        return sample
-
-    def log_prob(self, sample: Sample) -> torch.Tensor:
-        """(B,) log q(z) of one-hot samples."""
-        return sum((s * torch.log_softmax(logits, -1)).sum(-1) for s, logits in zip(sample, self.normalized_logits()))
-
-    def entropy(self) -> torch.Tensor:
-        total = 0.0
-        for logits in self.normalized_logits():
-            log_probs = torch.log_softmax(logits, -1)
-            total = total - (log_probs.exp() * log_probs).sum()
-        return total
+        self.layout = layout
 
     def to_weights(self, sample: Sample) -> dict[str, list[torch.Tensor]]:
         """Supernet weights W[n] = sum_e onehot_in[n,e] (outer) onehot_op[n,e], (B, n + 2, K)."""

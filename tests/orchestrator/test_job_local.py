@@ -1,6 +1,5 @@
 """The whole job on a local Ray runtime started by the driver, recorded in a SQLite MLflow store."""
 
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient

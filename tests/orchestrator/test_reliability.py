@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-import yaml
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
