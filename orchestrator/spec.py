@@ -82,6 +82,8 @@ class SearchSpec(_Section):
     arch_lr_min: float = Field(3e-4, ge=0)
     arch_weight_decay: float = Field(1e-6, ge=0)
     grad_clip: float = Field(5.0, gt=0)
+    # Learning rates are tuned for this global batch and scale by batch_size / reference_batch_size.
+    reference_batch_size: int = Field(64, gt=0)
     ops: list[str] | None = None
     workers: int = Field(1, ge=1)
     worker_resources: ResourcesSpec = ResourcesSpec()

@@ -60,6 +60,18 @@ def broadcast_parameters(module: torch.nn.Module) -> None:
         dist.broadcast(tensor.data, src=0)
 
 
+def fill_missing_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Give every parameter without a gradient a zero one.
+
+    A supernet op that no example used gets no gradient, and Adam would skip it. With a zero
+    gradient, Adam applies weight decay and moment decay to it on every rank alike. That is
+    what happens when the op is computed and multiplied by a zero architecture weight.
+    """
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+
+
 def all_reduce_mean(values: dict[str, float], world_size: int) -> dict[str, float]:
     if world_size == 1 or not dist.is_initialized():
         return values
