@@ -58,8 +58,8 @@ from orchestrator.tracking import (
 from search_spaces.darts import Genotype
 from search_spaces.darts.drawing import draw_genotype
 from search_spaces.errors import UnasError
-from workers.data import check_data_available
-from search_spaces.darts.counting import count_params_m
+from workers.data import check_data_available, describe_dataset
+from search_spaces.darts.counting import count_madds_m, count_params_m
 from workers.evaluate import build_eval_network
 
 logger = logging.getLogger(__name__)
@@ -237,7 +237,13 @@ def _describe_eval_run(spec: JobSpec, task: EvalTask, tracker: Tracker, run_id: 
         if source is not None:
             tags[TAG_SOURCE_RUN] = source.info.run_id
     tracker.set_tags(run_id, tags)
-    tracker.log_params(run_id, vars(spec.eval_recipe(task.train_seed, task.genotype)))
+    recipe = spec.eval_recipe(task.train_seed, task.genotype)
+    tracker.log_params(run_id, vars(recipe))
     _log_genotype(tracker, run_id, task.genotype)
-    network = build_eval_network(task.genotype, spec.eval_recipe(task.train_seed, task.genotype), spec.data_config())
-    tracker.log_metrics(run_id, {"params_m": count_params_m(network)})
+    network = build_eval_network(task.genotype, recipe, spec.data_config())
+    image_size = describe_dataset(spec.data.name, spec.data.root).image_size
+    tracker.log_metrics(run_id, {
+        "params_m": count_params_m(network),
+        "madds_m": count_madds_m(network, image_size, "conv_linear"),
+        "madds_paper_m": count_madds_m(network, image_size, "paper"),
+    })

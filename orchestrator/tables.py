@@ -15,7 +15,7 @@ from orchestrator.tracking import TAG_GROUP, TAG_JOB_ID, TAG_KEY, TAG_LABEL, TAG
 logger = logging.getLogger(__name__)
 
 COLUMNS = ["row", "search_method", "cells", "finished", "test_error_mean_pct", "test_error_std_pct",
-           "test_error_best_pct", "params_m", "search_cost_gpu_days", "search_wall_h"]
+           "test_error_best_pct", "params_m", "madds_m", "search_cost_gpu_days", "search_wall_h"]
 
 
 def fetch_job_runs(tracker: Tracker, job_id: str) -> pd.DataFrame:
@@ -58,6 +58,7 @@ def _summarise(group: str, label: str, cells: pd.DataFrame, searches: pd.DataFra
     finished = cells[cells["status"] == "FINISHED"]
     errors = finished.get("metrics.final_test_error", pd.Series(dtype=float)).dropna() * 100
     params = finished.get("metrics.params_m", pd.Series(dtype=float)).dropna()
+    madds = cells.get("metrics.madds_m", pd.Series(dtype=float)).dropna()
     cost_gpu_days, wall_h = None, None
     if group == GROUP_FOUND:
         keys = set(cells[f"tags.{TAG_SOURCE_KEY}"])
@@ -75,6 +76,7 @@ def _summarise(group: str, label: str, cells: pd.DataFrame, searches: pd.DataFra
         "test_error_std_pct": float(errors.std(ddof=0)) if len(errors) else None,
         "test_error_best_pct": float(errors.min()) if len(errors) else None,
         "params_m": float(params.mean()) if len(params) else None,
+        "madds_m": float(madds.mean()) if len(madds) else None,
         "search_cost_gpu_days": cost_gpu_days,
         "search_wall_h": wall_h,
     }
@@ -116,13 +118,13 @@ def format_cells_markdown(cells: pd.DataFrame) -> str:
 
 def format_markdown(table: pd.DataFrame) -> str:
     header = ("| row | search method | cells (finished) | test error (%) | best (%) | params (M) | "
-              "search cost (GPU-days) | search wall time (h) |")
-    lines = [header, "|" + "---|" * 8]
+              "multiply-adds (M) | search cost (GPU-days) | search wall time (h) |")
+    lines = [header, "|" + "---|" * 9]
     for row in table.itertuples(index=False):
         error = (f"{row.test_error_mean_pct:.2f} ± {row.test_error_std_pct:.2f}"
                  if pd.notna(row.test_error_mean_pct) else "-")
         lines.append(f"| {row.row} | {row.search_method} | {row.cells} ({row.finished}) | {error} | "
-                     f"{_fmt(row.test_error_best_pct, 2)} | {_fmt(row.params_m, 3)} | "
+                     f"{_fmt(row.test_error_best_pct, 2)} | {_fmt(row.params_m, 3)} | {_fmt(row.madds_m, 1)} | "
                      f"{_fmt(row.search_cost_gpu_days, 4)} | {_fmt(row.search_wall_h, 3)} |")
     return "\n".join(lines) + "\n"
 

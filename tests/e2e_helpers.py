@@ -97,6 +97,8 @@ def kill_once_after_epoch(config: dict) -> None:
 
 def raise_on_rank_one(config: dict) -> None:
     """A 2-worker Ray Train loop whose rank 1 raises after its first epoch; rank 0 goes on."""
+    import time
+
     import torch
 
     from workers.context import RayTrainContext
@@ -108,6 +110,7 @@ def raise_on_rank_one(config: dict) -> None:
         def report(self, metrics, checkpoint_dir):
             super().report(metrics, checkpoint_dir)
             if self.rank == 1:
+                Path(config["raised_at"]).write_text(repr(time.time()))
                 raise RuntimeError("injected failure on rank 1")
 
     run_search(config["search"], config["data"], RaisingContext())
