@@ -1,6 +1,6 @@
-"""Planning a job into stages and tasks: pure functions of the spec, tested without Ray.
+"""Job planning into stages and tasks: pure functions of the spec, tested without Ray.
 
-Each task has a stable key; the key tags its MLflow run and names its checkpoint folder, so a
+Each task has a stable key. The key tags its MLflow run and names its checkpoint folder, so a
 resubmitted job finds the work it already did.
 """
 

@@ -1,7 +1,9 @@
-"""Result tables in the layout of the paper's Tables 4-6, built from the MLflow runs alone.
+"""Result tables in the layout of Tables 4-6 of the UNAS paper (Vahdat et al., CVPR 2020),
+built from the MLflow runs alone.
 
 One row per search method (found cells over seeds), per named genotype and for the random
-cells as a group: final test error mean +- std and best, params, search cost, method.
+cells as a group: final test error mean +- std and best, params, multiply-adds, search cost
+and method.
 """
 
 import logging

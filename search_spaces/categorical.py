@@ -1,6 +1,6 @@
 """Independent categorical distributions over architecture choices, shared by the spaces.
 
-A space lists its choices (one categorical per edge input, edge op or layer); this class owns
+A space lists its choices: one categorical per edge input, edge op or layer. This class owns
 their logits (phi) and everything that does not depend on what the choices mean: softening,
 discrete and Gumbel-softmax samples, log-probability and entropy. A sample is a list of
 (B, choices) tensors, B being the batch size for per-example sampling and 1 per minibatch.

@@ -1,1 +1,1 @@
-"""What runs inside one Ray Train worker or Tune trial: data, search and evaluation loops."""
+"""Code that runs inside one Ray Train worker or Tune trial: data, search and evaluation loops."""

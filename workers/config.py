@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Which data set, where it lives, and how it is split (fixed by the job's seed)."""
+    """Data set settings: its name, its folder, and its split (fixed by the job's seed)."""
 
     name: str = "digits"
     root: str | None = None
@@ -57,7 +57,7 @@ class SearchConfig:
 
 @dataclass(frozen=True)
 class EvalRecipe:
-    """How one cell is trained from scratch and tested."""
+    """Training recipe of one cell trained from scratch and tested."""
 
     chs: int = 36
     layers: int = 20

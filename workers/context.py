@@ -1,4 +1,4 @@
-"""Where a worker loop reports metrics and checkpoints: a plain process or a Ray Train worker.
+"""Run contexts, the targets of a worker loop's metrics and checkpoints: a plain process or a Ray Train worker.
 
 The loops only see `RunContext`, so the same code runs under Ray, in a Tune trial and in a
 single process for tests and debugging.

@@ -304,7 +304,7 @@ def _load_digits() -> TensorDataset:
 
 
 def _split_indices(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded permutation cut into (1 - fraction, fraction) parts."""
+    """Cuts a seeded permutation into (1 - fraction, fraction) parts."""
     order = np.random.default_rng(seed).permutation(count)
     cut = count - int(round(count * fraction))
     return order[:cut], order[cut:]
@@ -332,7 +332,7 @@ def _search_pool(config: DataConfig) -> Dataset:
 
 
 def load_search_data(config: DataConfig) -> tuple[Dataset, Dataset]:
-    """The search's (train, validation) split of the training data; test data is never touched."""
+    """Returns the search's (train, validation) split of the training data. Test data is not used."""
     pool = _search_pool(config)
     train_idx, val_idx = _split_indices(len(pool), config.validation_fraction, config.split_seed + 1)
     logger.info("search data %s: %d train / %d validation examples", config.name, len(train_idx), len(val_idx))

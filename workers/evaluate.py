@@ -278,7 +278,7 @@ def run_evaluation(genotype: Genotype, recipe: EvalRecipe, data: DataConfig, con
 def evaluation_worker(config: dict) -> None:
     """Ray Train entry point of an evaluation that spans several workers (DDP over the group).
 
-    config holds 'genotype' (JSON), 'recipe' (EvalRecipe) and 'data' (DataConfig); the final
+    config contains 'genotype' (JSON), 'recipe' (EvalRecipe) and 'data' (DataConfig). The final
     and minimum test errors are in the last epoch's reported metrics.
     """
     from search_spaces.darts import genotype_from_json

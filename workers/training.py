@@ -19,13 +19,13 @@ def seed_everything(seed: int) -> None:
 
 
 def epoch_order(count: int, seed: int, epoch: int) -> list[int]:
-    """The same shuffled order on every rank for a given (seed, epoch)."""
+    """Returns the same shuffled order on every rank for a given (seed, epoch)."""
     return np.random.default_rng([seed, epoch]).permutation(count).tolist()
 
 
 def shard_loader(dataset: Dataset, global_batch: int, seed: int, epoch: int, rank: int, world_size: int,
                  shuffle: bool, drop_last: bool, loader_workers: int = 0) -> DataLoader:
-    """A loader over this rank's share of the data; each global batch splits evenly over ranks."""
+    """Builds a loader over this rank's share of the data. Each global batch splits evenly over ranks."""
     order = epoch_order(len(dataset), seed, epoch) if shuffle else list(range(len(dataset)))
     per_rank = global_batch // world_size
     if drop_last:

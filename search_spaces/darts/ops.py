@@ -134,5 +134,5 @@ def create_op(name: str, chs: int, stride: int, affine: bool) -> nn.Module:
 
 
 def is_parameter_free_identity(name: str, stride: int) -> bool:
-    """Whether drop path leaves this edge alone (identity edges are never dropped)."""
+    """Returns whether drop path leaves this edge alone (identity edges are never dropped)."""
     return name == "skip_connect" and stride == 1

@@ -38,7 +38,8 @@ def test_genotype_sample_round_trips_through_show(tmp_path):
 def test_genotype_show_rejects_unknown_name():
     result = run_cli("genotype", "show", "NOT_A_CELL", timeout_s=300)
     assert result.returncode == 2
-    assert "'NOT_A_CELL'" in result.stderr and "UNAS_CIFAR10" in result.stderr
+    assert "'NOT_A_CELL'" in result.stderr
+    assert "UNAS_CIFAR10" in result.stderr
 
 
 def test_genotype_show_proxyless_params():

@@ -60,7 +60,7 @@ def test_ray_job_submit_runs_job_on_cluster(ray_head, tmp_path):
                "python", "-m", "orchestrator", "run", str(spec_path), "--output", str(output)]
     for _ in range(30):
         result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1100)
-        # The head answers before its job agent is up; Ray asks the client to try again.
+        # The head accepts requests before its job agent is up, and Ray then asks the client to retry.
         if "No available agent" not in result.stderr:
             break
         time.sleep(3)

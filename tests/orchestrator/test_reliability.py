@@ -79,7 +79,7 @@ def test_search_worker_raising_fails_run_within_a_minute(local_ray, tmp_path):
     returned_at = time.time()
     assert result is not None
     assert "injected failure on rank 1" in result
-    # Rank 0 is blocked in a gloo collective when rank 1 raises; waiting for that collective's
+    # Rank 0 is blocked in a gloo collective when rank 1 raises. Waiting for that collective's
     # timeout (30 minutes by default) would far exceed this bound.
     assert returned_at - float(raised_at.read_text()) < 60
 
@@ -108,7 +108,8 @@ def test_evaluation_trial_raising_fails_alone_and_is_recorded(local_ray, tmp_pat
     broken_cell = tuple((Edge("no_such_op", 0), Edge("skip_connect", 1)) for _ in range(4))
     tasks[1] = EvalTask("random", "broken", Genotype(normal=broken_cell, reduce=broken_cell), 0)
     errors = run_evaluation_trials(spec, tasks, run_ids, tracker, tmp_path / "out")
-    assert errors[tasks[0].key] is None and errors[tasks[2].key] is None
+    assert errors[tasks[0].key] is None
+    assert errors[tasks[2].key] is None
     assert "no_such_op" in errors[tasks[1].key]
     broken_run = tracker.client.get_run(run_ids[1])
     assert broken_run.info.status == "FAILED"
@@ -143,11 +144,11 @@ def test_four_one_cpu_trials_run_two_at_a_time(local_ray, tmp_path):
         run = tracker.client.get_run(run_id)
         assert run.info.status == "FINISHED"
         events += [(run.data.metrics["trial_started_unix_s"], 1), (run.data.metrics["trial_finished_unix_s"], -1)]
-    running, most_at_once = 0, 0
+    running, max_running = 0, 0
     for _, change in sorted(events, key=lambda event: (event[0], event[1])):
         running += change
-        most_at_once = max(most_at_once, running)
-    assert most_at_once == 2
+        max_running = max(max_running, running)
+    assert max_running == 2
 
 
 def _cli_error(tmp_path: Path, spec: dict, *extra: str) -> tuple[int, str]:
@@ -160,7 +161,8 @@ def test_run_rejects_missing_data_folder(tmp_path):
     spec["data"] = {"name": "cifar10", "root": str(tmp_path / "absent")}
     code, stderr = _cli_error(tmp_path, spec, "--output", str(tmp_path / "out"))
     assert code == 2
-    assert "data.root" in stderr and "absent" in stderr
+    assert "data.root" in stderr
+    assert "absent" in stderr
 
 
 def test_run_rejects_unwritable_output(tmp_path):
@@ -168,7 +170,8 @@ def test_run_rejects_unwritable_output(tmp_path):
     blocker.write_text("a file where a folder should be")
     code, stderr = _cli_error(tmp_path, tiny_spec("unwritable", random_cells=1), "--output", str(blocker / "out"))
     assert code == 2
-    assert "--output" in stderr and str(blocker) in stderr
+    assert "--output" in stderr
+    assert str(blocker) in stderr
 
 
 def test_run_rejects_more_gpus_than_any_node(tmp_path):
@@ -176,7 +179,9 @@ def test_run_rejects_more_gpus_than_any_node(tmp_path):
     spec["evaluate"]["trial_resources"] = {"cpus": 1, "gpus": 4}
     code, stderr = _cli_error(tmp_path, spec, "--output", str(tmp_path / "out"))
     assert code == 2
-    assert "evaluate.trial_resources" in stderr and "4 GPU" in stderr and "largest node" in stderr
+    assert "evaluate.trial_resources" in stderr
+    assert "4 GPU" in stderr
+    assert "largest node" in stderr
 
 
 def test_run_rejects_unreachable_tracking_server(tmp_path):
@@ -186,4 +191,5 @@ def test_run_rejects_unreachable_tracking_server(tmp_path):
     code, stderr = _cli_error(tmp_path, tiny_spec("offline", random_cells=1), "--output", str(tmp_path / "out"),
                               "--tracking-uri", uri)
     assert code == 2
-    assert "unreachable" in stderr and uri in stderr
+    assert "unreachable" in stderr
+    assert uri in stderr
