@@ -18,12 +18,10 @@ Counts come from forward hooks on a single-image forward in eval mode, so drop p
 and every module under ``auxiliary_head`` is left out.
 """
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
+from search_spaces.counting import OpCounter, conv_macs, count_forward_ops, linear_macs
 from search_spaces.darts.genotype import Genotype
 from search_spaces.darts.networks import EvalNetwork, NetworkConfig
 
@@ -45,9 +43,6 @@ _NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
 
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
-OpCounter = Callable[[nn.Module, torch.Tensor, torch.Tensor], int]
-
-
 def _is_auxiliary(name: str) -> bool:
     return name == AUXILIARY_PREFIX or name.startswith(AUXILIARY_PREFIX + ".")
 
@@ -58,19 +53,9 @@ def count_params_m(model: nn.Module) -> float:
     return total / 1e6
 
 
-def _conv_macs(module: nn.Conv2d, inputs: torch.Tensor, output: torch.Tensor) -> int:
-    # Each output element of a grouped conv reads only in_channels / groups input channels.
-    kernel_elements = module.kernel_size[0] * module.kernel_size[1]
-    return output.numel() * (module.in_channels // module.groups) * kernel_elements
-
-
-def _linear_macs(module: nn.Linear, inputs: torch.Tensor, output: torch.Tensor) -> int:
-    return output.numel() * module.in_features
-
-
 def _conv_paper_ops(module: nn.Conv2d, inputs: torch.Tensor, output: torch.Tensor) -> int:
     bias_ops = output.numel() if module.bias is not None else 0
-    return _conv_macs(module, inputs, output) + bias_ops
+    return conv_macs(module, inputs, output) + bias_ops
 
 
 def _relu_ops(module: nn.Module, inputs: torch.Tensor, output: torch.Tensor) -> int:
@@ -88,9 +73,9 @@ def _pool_ops(module: nn.Module, inputs: torch.Tensor, output: torch.Tensor) -> 
 
 def _counter_for(module: nn.Module, convention: str) -> OpCounter | None:
     if isinstance(module, nn.Conv2d):
-        return _conv_paper_ops if convention == "paper" else _conv_macs
+        return _conv_paper_ops if convention == "paper" else conv_macs
     if isinstance(module, nn.Linear):
-        return _linear_macs
+        return linear_macs
     if convention != "paper":
         return None
     if isinstance(module, nn.ReLU):
@@ -127,39 +112,11 @@ def count_madds_m(model: nn.Module, input_size: int | tuple[int, ...], conventio
     if convention not in MADDS_CONVENTIONS:
         raise ValueError(f"unknown multiply-add convention {convention!r}; valid: {', '.join(MADDS_CONVENTIONS)}")
     shape = _input_shape(model, input_size)
-    parameter = next(model.parameters(), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
-    dtype = parameter.dtype if parameter is not None else torch.float32
 
-    totals = [0]
-    handles = _register_counters(model, convention, totals)
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, *shape, device=device, dtype=dtype))
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, training in modes.items():
-            module.training = training
-    return totals[0] / 1e6
+    def choose_counter(name: str, module: nn.Module) -> OpCounter | None:
+        return None if _is_auxiliary(name) else _counter_for(module, convention)
 
-
-def _register_counters(model: nn.Module, convention: str, totals: list[int]) -> list[RemovableHandle]:
-    """Hook every counted module outside the auxiliary head. Each forward adds its ops to totals[0]."""
-    def add_ops(counter: OpCounter) -> Callable:
-        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            totals[0] += counter(module, inputs[0], output)
-
-        return hook
-
-    handles = []
-    for name, module in model.named_modules():
-        counter = _counter_for(module, convention)
-        if counter is not None and not _is_auxiliary(name):
-            handles.append(module.register_forward_hook(add_ops(counter)))
-    return handles
+    return count_forward_ops(model, shape, choose_counter) / 1e6
 
 
 def _imagenet_config(chs: int, num_classes: int) -> NetworkConfig:

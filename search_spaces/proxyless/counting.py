@@ -8,6 +8,7 @@ a single-image forward, which costs no memory or compute for a network built on 
 import torch
 from torch import nn
 
+from search_spaces.counting import OpCounter, conv_macs, count_forward_ops, linear_macs
 from search_spaces.proxyless.backbone import ProxylessConfig
 from search_spaces.proxyless.genotype import Genotype
 from search_spaces.proxyless.networks import EvalNetwork
@@ -20,14 +21,12 @@ def count_params_m(model: nn.Module) -> float:
     return sum(p.numel() for p in model.parameters()) / 1e6
 
 
-def _macs(module: nn.Module, output: torch.Tensor) -> int:
+def _conv_linear_counter(name: str, module: nn.Module) -> OpCounter | None:
     if isinstance(module, nn.Conv2d):
-        # Each output element of a grouped conv reads in_channels / groups input channels.
-        kernel_elements = module.kernel_size[0] * module.kernel_size[1]
-        return output.numel() * (module.in_channels // module.groups) * kernel_elements
+        return conv_macs
     if isinstance(module, nn.Linear):
-        return output.numel() * module.in_features
-    return 0
+        return linear_macs
+    return None
 
 
 def count_madds_m(model: nn.Module, input_size: int, in_chs: int = 3) -> float:
@@ -35,24 +34,7 @@ def count_madds_m(model: nn.Module, input_size: int, in_chs: int = 3) -> float:
 
     The model runs in eval mode under no_grad, and every module gets its training flag back.
     """
-    totals = [0]
-
-    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        totals[0] += _macs(module, output)
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
-    modes = {module: module.training for module in model.modules()}
-    parameter = next(model.parameters())
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, in_chs, input_size, input_size, device=parameter.device, dtype=parameter.dtype))
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, training in modes.items():
-            module.training = training
-    return totals[0] / 1e6
+    return count_forward_ops(model, (in_chs, input_size, input_size), _conv_linear_counter) / 1e6
 
 
 def build_shape_only(genotype: Genotype, config: ProxylessConfig) -> EvalNetwork:
