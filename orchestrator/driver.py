@@ -18,6 +18,7 @@ from orchestrator.launch import (
     run_evaluation_trials,
     run_search_task,
 )
+from orchestrator.latency_cache import StoredSurrogate, prepare_surrogate_cache
 from orchestrator.plan import (
     GROUP_FOUND,
     STAGE_EVALUATE,
@@ -58,9 +59,11 @@ from orchestrator.tracking import (
 from search_spaces.darts import Genotype
 from search_spaces.darts.drawing import draw_genotype
 from search_spaces.errors import UnasError
+from workers.config import SearchConfig
 from workers.data import check_data_available, describe_dataset
 from search_spaces.darts.counting import count_madds_m, count_params_m
 from workers.evaluate import build_eval_network
+from workers.proxyless_search import ProxylessSearchConfig
 
 logger = logging.getLogger(__name__)
 
@@ -169,11 +172,12 @@ def _run_searches(spec: JobSpec, tracker: Tracker, parent_id: str, output_dir: P
             logger.info("%s: reusing the finished search run %s", task.key, run_id)
             continue
         tracker.set_tags(run_id, {TAG_METHOD: task.method, TAG_SEED: task.seed})
-        tracker.log_params(run_id, {**vars(spec.search_config(task.method, task.seed)), "workers": spec.search.workers})
+        config, fetched = _search_worker_config(spec, task, tracker, output_dir)
+        tracker.log_params(run_id, {**vars(config), "workers": spec.search.workers})
         logger.info("%s: starting the search (Ray Train, %d worker(s))", task.key, spec.search.workers)
         started = time.time()
         try:
-            genotype = run_search_task(task, spec, tracker, run_id, output_dir)
+            genotype = run_search_task(task, spec, config, tracker, run_id, output_dir, fetched)
         except Exception as error:  # one failed search must not stop the others
             logger.error("%s failed: %s", task.key, error)
             failed[task.key] = describe_error(error)
@@ -184,6 +188,15 @@ def _run_searches(spec: JobSpec, tracker: Tracker, parent_id: str, output_dir: P
         found[task] = genotype
         logger.info("%s found:\n%s", task.key, genotype.describe())
     return found
+
+
+def _search_worker_config(spec: JobSpec, task: SearchTask, tracker: Tracker,
+                          output_dir: Path) -> tuple[SearchConfig | ProxylessSearchConfig, dict[str, StoredSurrogate]]:
+    """Return a search's worker config and, for the proxyless space, the stored surrogates put in its cache folder."""
+    config = spec.search_config(task.method, task.seed)
+    if spec.search.space != "proxyless":
+        return config, {}
+    return prepare_surrogate_cache(config, spec.data_config(), tracker, output_dir)
 
 
 def _finish_search_run(spec: JobSpec, tracker: Tracker, run_id: str, genotype: Genotype, wall_time_s: float) -> None:

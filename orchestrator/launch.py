@@ -13,6 +13,7 @@ from ray import tune
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from orchestrator.latency_cache import StoredSurrogate, record_search_surrogate
 from orchestrator.plan import EvalTask, SearchTask
 from orchestrator.spec import JobSpec, RaySpec, SearchSpec
 from orchestrator.tracking import TAG_ERROR, Tracker
@@ -23,7 +24,13 @@ from workers.context import RunContext, configure_worker_logging
 from search_spaces.darts.counting import count_params_m
 from workers.evaluate import EvalOutcome, build_eval_network, evaluation_worker, run_evaluation
 from search_spaces import proxyless
-from workers.proxyless_search import SURROGATE_FILE, proxyless_search_worker
+from workers.config import SearchConfig
+from workers.proxyless_search import (
+    SURROGATE_FILE,
+    SURROGATE_SOURCE_METRIC,
+    ProxylessSearchConfig,
+    proxyless_search_worker,
+)
 from workers.search import GENOTYPE_FILE, search_worker
 
 logger = logging.getLogger(__name__)
@@ -113,8 +120,14 @@ class MlflowReportCallback(UserCallback):
                     epoch_metrics.get("train_acc", float("nan")), epoch_metrics.get("entropy", float("nan")))
 
 
-def run_search_task(task: SearchTask, spec: JobSpec, tracker: Tracker, run_id: str, output_dir: Path) -> Genotype:
-    """Runs (or resumes) one search as a Ray Train run and returns its genotype."""
+def run_search_task(task: SearchTask, spec: JobSpec, config: SearchConfig | ProxylessSearchConfig, tracker: Tracker,
+                    run_id: str, output_dir: Path,
+                    fetched_surrogates: dict[str, StoredSurrogate] | None = None) -> Genotype:
+    """Runs (or resumes) one search with the worker config ``config`` as a Ray Train run and returns its genotype.
+
+    ``fetched_surrogates`` are the latency surrogates that the driver put in the proxyless
+    search's cache folder, by device key.
+    """
     search = spec.search
     use_gpu = search.worker_resources.gpus > 0
     resources = {"CPU": search.worker_resources.cpus}
@@ -123,7 +136,7 @@ def run_search_task(task: SearchTask, spec: JobSpec, tracker: Tracker, run_id: s
     worker = proxyless_search_worker if search.space == "proxyless" else search_worker
     trainer = TorchTrainer(
         worker,
-        train_loop_config={"search": spec.search_config(task.method, task.seed), "data": spec.data_config()},
+        train_loop_config={"search": config, "data": spec.data_config()},
         scaling_config=ScalingConfig(num_workers=search.workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
@@ -140,8 +153,9 @@ def run_search_task(task: SearchTask, spec: JobSpec, tracker: Tracker, run_id: s
     with result.checkpoint.as_directory() as folder:
         surrogate = Path(folder) / SURROGATE_FILE
         if surrogate.is_file():
-            # Kept per device, so later jobs on the same device can reuse the fitted surrogate.
-            tracker.log_artifact(run_id, surrogate, "latency")
+            # Stored per device, so later jobs on the same device reuse the surrogate.
+            record_search_surrogate(tracker, run_id, surrogate, result.metrics.get(SURROGATE_SOURCE_METRIC),
+                                    fetched_surrogates or {})
         return parse_genotype(search, (Path(folder) / GENOTYPE_FILE).read_text())
 
 

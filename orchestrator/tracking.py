@@ -34,6 +34,12 @@ TAG_SEED = "unas.seed"
 TAG_SOURCE_KEY = "unas.source_key"
 TAG_SOURCE_RUN = "unas.source_run_id"
 TAG_ERROR = "unas.error"
+# Set on a proxyless search run once its latency surrogate artifact is logged, so later jobs find the run by them.
+TAG_LATENCY_DEVICE = "unas.latency_device"
+TAG_LATENCY_SETTING = "unas.latency_setting"
+# "cached" or "fitted", and the run whose stored surrogate a cached one came from.
+TAG_LATENCY_SURROGATE = "unas.latency_surrogate"
+TAG_LATENCY_SOURCE_RUN = "unas.latency_source_run_id"
 
 _PROBE_TIMEOUT_S = 10.0
 TAG_PARENT = "mlflow.parentRunId"
@@ -133,9 +139,30 @@ class Tracker:
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
+    def search_store_runs(self, filter_string: str, order_by: list[str] | None = None) -> list:
+        """Return the runs that match the filter in every active experiment of the store, page by page."""
+        client = self.client
+        experiments = _collect_pages(lambda token: client.search_experiments(page_token=token))
+        experiment_ids = [experiment.experiment_id for experiment in experiments]
+        if not experiment_ids:
+            return []
+        return _collect_pages(lambda token: client.search_runs(experiment_ids, filter_string, order_by=order_by,
+                                                               page_token=token))
+
     def runs_of_job(self, job_id: str):
         return self.client.search_runs([self.experiment_id], filter_string=f"tags.`{TAG_JOB_ID}` = '{job_id}'",
                                        max_results=5000)
+
+
+def _collect_pages(search_page) -> list:
+    """Concatenate the pages of an MLflow search, where ``search_page(token)`` returns one PagedList."""
+    items, token = [], None
+    while True:
+        page = search_page(token)
+        items += list(page)
+        token = page.token
+        if not token:
+            return items
 
 
 def provenance_tags() -> dict[str, str]:

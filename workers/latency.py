@@ -42,6 +42,9 @@ logger = logging.getLogger(__name__)
 
 SURROGATE_FORMAT_VERSION = 1
 CLOCKS = ("wall", "thread")
+# The two origins of a search's surrogate: a cache file, or a fit to random networks timed on its device.
+SURROGATE_CACHED = "cached"
+SURROGATE_FITTED = "fitted"
 
 
 @dataclass(frozen=True)
@@ -381,34 +384,57 @@ def load_surrogate(path: str | Path) -> LatencySurrogate:
     return LatencySurrogate.from_dict(json.loads(Path(path).read_text()))
 
 
+def setting_digest(setting: dict[str, Any]) -> str:
+    """Return the 10-hex-digit hash of a surrogate setting that cache file names and run tags carry."""
+    return hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:10]
+
+
 def surrogate_cache_path(cache_dir: str | Path, key: str, setting: dict[str, Any]) -> Path:
     """Return the cache file of one device kind and setting, 'latency-<device key>-<setting hash>.json'."""
-    digest = hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:10]
-    return Path(cache_dir) / f"latency-{key}-{digest}.json"
+    return Path(cache_dir) / f"latency-{key}-{setting_digest(setting)}.json"
+
+
+def load_cached_surrogate(path: Path, key: str, setting: dict[str, Any]) -> LatencySurrogate | None:
+    """Return the surrogate cached at ``path`` when it was timed on device kind ``key`` at ``setting``, else None."""
+    if not path.is_file():
+        return None
+    try:
+        cached = load_surrogate(path)
+    except (ValueError, KeyError, TypeError) as error:
+        logger.warning("ignoring the unreadable latency cache %s (%s); timing again", path, error)
+        return None
+    if cached.device_key != key or cached.setting != setting:
+        logger.warning("latency cache %s was timed on %s with another setting; timing again", path,
+                       cached.device_key)
+        return None
+    logger.info("reusing the latency surrogate %s", path)
+    return cached
+
+
+def surrogate_with_source(config: ProxylessConfig, settings: LatencySettings, device: torch.device,
+                          cache_dir: str | Path | None = None) -> tuple[LatencySurrogate, str]:
+    """Reuse a cached surrogate of this device kind and setting, or fit one and cache it.
+
+    Returns the surrogate and SURROGATE_CACHED or SURROGATE_FITTED, so a search can record
+    whether it timed networks.
+    """
+    key = device_key(device)
+    setting = surrogate_setting(config, settings)
+    path = surrogate_cache_path(cache_dir, key, setting) if cache_dir is not None else None
+    cached = load_cached_surrogate(path, key, setting) if path is not None else None
+    if cached is not None:
+        return cached, SURROGATE_CACHED
+    surrogate = fit_surrogate(config, settings, device)
+    if path is not None:
+        save_surrogate(surrogate, path)
+        logger.info("saved the latency surrogate to %s", path)
+    return surrogate, SURROGATE_FITTED
 
 
 def load_or_fit_surrogate(config: ProxylessConfig, settings: LatencySettings, device: torch.device,
                           cache_dir: str | Path | None = None) -> LatencySurrogate:
     """Reuse a cached surrogate of this device kind and setting, or fit one and cache it."""
-    key = device_key(device)
-    setting = surrogate_setting(config, settings)
-    path = surrogate_cache_path(cache_dir, key, setting) if cache_dir is not None else None
-    if path is not None and path.is_file():
-        try:
-            cached = load_surrogate(path)
-        except (ValueError, KeyError, json.JSONDecodeError) as error:
-            logger.warning("ignoring the unreadable latency cache %s (%s); timing again", path, error)
-        else:
-            if cached.device_key == key and cached.setting == setting:
-                logger.info("reusing the latency surrogate %s", path)
-                return cached
-            logger.warning("latency cache %s was timed on %s with another setting; timing again", path,
-                           cached.device_key)
-    surrogate = fit_surrogate(config, settings, device)
-    if path is not None:
-        save_surrogate(surrogate, path)
-        logger.info("saved the latency surrogate to %s", path)
-    return surrogate
+    return surrogate_with_source(config, settings, device, cache_dir)[0]
 
 
 # ---------------------------------------------------------------------------------------------

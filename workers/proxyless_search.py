@@ -56,8 +56,8 @@ from workers.estimators import create_estimator, estimator_names
 from workers.latency import (
     LatencySettings,
     LatencySurrogate,
-    load_or_fit_surrogate,
     measure_genotype_latency_ms,
+    surrogate_with_source,
 )
 from workers.training import (
     all_reduce_gradients,
@@ -74,6 +74,8 @@ logger = logging.getLogger(__name__)
 
 GENOTYPE_FILE = "genotype.json"
 SURROGATE_FILE = "latency_surrogate.json"
+# The epoch metric that names where the surrogate came from: workers.latency.SURROGATE_CACHED or SURROGATE_FITTED.
+SURROGATE_SOURCE_METRIC = "latency_surrogate"
 DISCRETE_LATENCY_SOURCES = ("measured", "surrogate")
 # Random networks whose surrogate latencies set the target when latency_target_ms is None.
 TARGET_REFERENCE_NETWORKS = 1000
@@ -214,11 +216,17 @@ def is_one_hot(sample: list[torch.Tensor]) -> bool:
 
 
 class SampleLatency:
-    """Latency in ms of architecture samples: measured or surrogate for one-hot, surrogate for relaxed."""
+    """Latency in ms of architecture samples: measured or surrogate for one-hot, surrogate for relaxed.
+
+    ``surrogate_source`` is SURROGATE_CACHED or SURROGATE_FITTED, or None for a checkpoint
+    written before searches recorded it.
+    """
 
     def __init__(self, surrogate: LatencySurrogate, target_ms: float, network_config: ProxylessConfig,
-                 settings: LatencySettings, device: torch.device, measured: bool):
+                 settings: LatencySettings, device: torch.device, measured: bool,
+                 surrogate_source: str | None = None):
         self.surrogate = surrogate
+        self.surrogate_source = surrogate_source
         self.target_ms = target_ms
         self.network_config = network_config
         self.settings = settings
@@ -247,11 +255,12 @@ class SampleLatency:
         return latency_ms
 
     def state_dict(self) -> dict[str, Any]:
-        return {"surrogate": self.surrogate.to_dict(), "target_ms": self.target_ms,
-                "measured_ms": list(self.measured_ms.items())}
+        return {"surrogate": self.surrogate.to_dict(), "surrogate_source": self.surrogate_source,
+                "target_ms": self.target_ms, "measured_ms": list(self.measured_ms.items())}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.surrogate = LatencySurrogate.from_dict(state["surrogate"])
+        self.surrogate_source = state.get("surrogate_source")
         self.target_ms = float(state["target_ms"])
         self.measured_ms = OrderedDict(state["measured_ms"])
 
@@ -356,16 +365,16 @@ def attach_latency(state: ProxylessSearchState, config: ProxylessSearchConfig, d
     """Fit or load the surrogate on rank 0, share it with every rank and set the latency target."""
     network_config = config.network_config(data)
     settings = config.latency_settings(data)
-    surrogate = None
+    surrogate, source = None, None
     if context.rank == 0:
-        surrogate = load_or_fit_surrogate(network_config, settings, context.device, config.latency_cache_dir)
-    surrogate = _broadcast_surrogate(surrogate)
+        surrogate, source = surrogate_with_source(network_config, settings, context.device, config.latency_cache_dir)
+    surrogate, source = _broadcast_surrogate(surrogate, source)
     target_ms = derive_target_ms(surrogate, config)
     state.latency = SampleLatency(surrogate, target_ms, network_config, settings, context.device,
-                                  measured=config.discrete_latency == "measured")
+                                  measured=config.discrete_latency == "measured", surrogate_source=source)
     if context.rank == 0:
-        logger.info("latency target %.3f ms on %s (surrogate held-out error %.1f%%)", target_ms,
-                    surrogate.device_key, 100 * surrogate.fit.get("holdout_relative_error", float("nan")))
+        logger.info("latency target %.3f ms on %s (%s surrogate, held-out error %.1f%%)", target_ms,
+                    surrogate.device_key, source, 100 * surrogate.fit.get("holdout_relative_error", float("nan")))
 
 
 def _latency_from_checkpoint(latency_state: dict[str, Any], config: ProxylessSearchConfig, data: DataConfig,
@@ -377,14 +386,14 @@ def _latency_from_checkpoint(latency_state: dict[str, Any], config: ProxylessSea
     return latency
 
 
-def _broadcast_surrogate(surrogate: LatencySurrogate | None) -> LatencySurrogate:
+def _broadcast_surrogate(surrogate: LatencySurrogate | None, source: str | None) -> tuple[LatencySurrogate, str]:
     # Every rank optimises the same objective, so all use rank 0's surrogate.
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        payload = [surrogate.to_dict() if surrogate is not None else None]
+        payload = [surrogate.to_dict() if surrogate is not None else None, source]
         torch.distributed.broadcast_object_list(payload, src=0)
-        return LatencySurrogate.from_dict(payload[0])
-    assert surrogate is not None
-    return surrogate
+        return LatencySurrogate.from_dict(payload[0]), payload[1]
+    assert surrogate is not None and source is not None
+    return surrogate, source
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,7 +529,7 @@ def _epoch_metrics(state: ProxylessSearchState, config: ProxylessSearchConfig, m
                    seconds: float) -> dict[str, Any]:
     genotype = state.distribution.genotype()
     latency = state.latency
-    return {
+    metrics = {
         "epoch": state.epoch,
         **means,
         "latency_target_ms": latency.target_ms,
@@ -537,6 +546,9 @@ def _epoch_metrics(state: ProxylessSearchState, config: ProxylessSearchConfig, m
         "epoch_time_s": seconds,
         "genotype": genotype.to_json(),
     }
+    if latency.surrogate_source is not None:
+        metrics[SURROGATE_SOURCE_METRIC] = latency.surrogate_source
+    return metrics
 
 
 def set_learning_rates(state: ProxylessSearchState, config: ProxylessSearchConfig) -> None:

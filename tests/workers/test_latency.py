@@ -14,6 +14,8 @@ from search_spaces.proxyless import (
 )
 from workers import latency as latency_module
 from workers.latency import (
+    SURROGATE_CACHED,
+    SURROGATE_FITTED,
     LatencySettings,
     LatencySurrogate,
     describe_proxyless,
@@ -26,8 +28,10 @@ from workers.latency import (
     one_hot_features,
     random_timing_genotypes,
     save_surrogate,
+    setting_digest,
     surrogate_cache_path,
     surrogate_setting,
+    surrogate_with_source,
     time_genotypes,
 )
 
@@ -188,6 +192,24 @@ def test_load_or_fit_surrogate_refits_other_setting(tmp_path):
     assert second.setting["input_size"] == 8
     assert first.setting["input_size"] == 16
     assert len(list(tmp_path.glob("latency-*.json"))) == 2
+
+
+def test_surrogate_source_fitted_then_cached(tmp_path):
+    fitted, first_source = surrogate_with_source(SMALL_CONFIG, QUICK_SETTINGS, CPU, tmp_path)
+    cached, second_source = surrogate_with_source(SMALL_CONFIG, QUICK_SETTINGS, CPU, tmp_path)
+
+    assert first_source == SURROGATE_FITTED
+    assert second_source == SURROGATE_CACHED
+    assert cached == fitted
+
+
+def test_cache_path_names_device_and_setting(tmp_path):
+    setting = surrogate_setting(SMALL_CONFIG, QUICK_SETTINGS)
+
+    path = surrogate_cache_path(tmp_path, "cpu-test", setting)
+
+    assert path == tmp_path / f"latency-cpu-test-{setting_digest(setting)}.json"
+    assert len(setting_digest(setting)) == 10
 
 
 def test_device_key_names_cpu_and_threads():

@@ -19,10 +19,18 @@ from workers import latency as latency_module
 from workers import proxyless_search
 from workers.config import DataConfig
 from workers.context import RunContext, load_checkpoint
-from workers.latency import LatencySettings, LatencySurrogate, fit_surrogate, load_or_fit_surrogate
+from workers.latency import (
+    SURROGATE_CACHED,
+    SURROGATE_FITTED,
+    LatencySettings,
+    LatencySurrogate,
+    fit_surrogate,
+    load_or_fit_surrogate,
+)
 from workers.proxyless_search import (
     GENOTYPE_FILE,
     SURROGATE_FILE,
+    SURROGATE_SOURCE_METRIC,
     ProxylessSearchConfig,
     SampleLatency,
     derive_target_ms,
@@ -189,6 +197,7 @@ def test_sample_latency_relaxed_uses_surrogate_gradient(surrogate):
 def test_sample_latency_state_round_trip(surrogate):
     latency = _sample_latency(surrogate, measured=True)
     latency.measured_ms["a,b"] = 3.0
+    latency.surrogate_source = SURROGATE_CACHED
     restored = _sample_latency(surrogate, measured=True)
 
     restored.load_state_dict(latency.state_dict())
@@ -196,6 +205,7 @@ def test_sample_latency_state_round_trip(surrogate):
     assert restored.measured_ms == latency.measured_ms
     assert restored.surrogate == surrogate
     assert restored.target_ms == latency.target_ms
+    assert restored.surrogate_source == SURROGATE_CACHED
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,6 +237,21 @@ def test_search_reports_latency_and_resumes(tmp_path, monkeypatch):
 
     assert [m["epoch"] for m in resumed.history] == [3]
     assert resumed.history[0]["latency_target_ms"] == first.history[0]["latency_target_ms"]
+    assert [m[SURROGATE_SOURCE_METRIC] for m in first.history] == [SURROGATE_FITTED] * 2
+    assert resumed.history[0][SURROGATE_SOURCE_METRIC] == SURROGATE_FITTED  # restored from the checkpoint
+
+
+def test_search_reports_cached_surrogate(tmp_path):
+    config = ProxylessSearchConfig(**{**SMALL_SEARCH, **PLUMBING_SEARCH}, epochs=2, warmup_epochs=1,
+                                   latency_cache_dir=str(tmp_path / "cache"))
+    surrogate = load_or_fit_surrogate(config.network_config(FEW_DIGITS), config.latency_settings(FEW_DIGITS), CPU,
+                                      config.latency_cache_dir)
+    context = RunContext()
+
+    run_proxyless_search(config, FEW_DIGITS, context)
+
+    assert context.history[0][SURROGATE_SOURCE_METRIC] == SURROGATE_CACHED
+    assert context.history[0]["surrogate_holdout_error"] == surrogate.fit["holdout_relative_error"]
 
 
 class _Interrupted(Exception):
