@@ -46,6 +46,20 @@ class RunContext:
         if self.on_report is not None:
             self.on_report(metrics)
 
+    def report_with_checkpoint(self, metrics: dict[str, Any], state: Callable[[], dict[str, Any]],
+                               extra_files: dict[str, str] | None = None) -> None:
+        """Report an epoch's metrics with a checkpoint of state() and extra_files, written by rank 0 alone.
+
+        state is called on rank 0 only, so other ranks never build the state dict.
+        """
+        folder = save_checkpoint(state(), extra_files) if self.rank == 0 else None
+        try:
+            self.report(metrics, folder)
+        finally:
+            # The report has copied the checkpoint by now, or it failed and stops the run.
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
         if self.checkpoint_root is None or not self.checkpoint_root.is_dir():

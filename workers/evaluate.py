@@ -19,10 +19,8 @@ import dataclasses
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +29,7 @@ from search_spaces.darts import EvalNetwork, Genotype, NetworkConfig
 from search_spaces.darts.counting import count_params_m
 from search_spaces.errors import UnasError
 from workers.config import DataConfig, EvalRecipe
-from workers.context import RunContext, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from workers.context import RunContext, capture_rng_state, load_checkpoint, restore_rng_state
 from workers.data import describe_dataset, is_in_memory, load_eval_data
 from workers.training import all_reduce_gradients, all_reduce_mean, seed_everything, set_lr, shard_loader
 
@@ -219,19 +217,10 @@ def _resume(network: EvalNetwork, optimizer: torch.optim.Optimizer, context: Run
     return _Progress(state["epoch"], state["test_error"], state["min_test_error"])
 
 
-def _save_and_report(network: EvalNetwork, optimizer: torch.optim.Optimizer, progress: _Progress,
-                     metrics: dict[str, float], context: RunContext) -> None:
-    folder: Path | None = None
-    if context.rank == 0:
-        folder = save_checkpoint({"network": network.state_dict(), "optimizer": optimizer.state_dict(),
-                                  "epoch": progress.epoch, "min_test_error": progress.min_test_error,
-                                  "test_error": progress.test_error, "rng": capture_rng_state()})
-    try:
-        context.report(metrics, folder)
-    finally:
-        # The context has copied the checkpoint by now, or the report failed and stops the run.
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
+def _checkpoint_state(network: EvalNetwork, optimizer: torch.optim.Optimizer, progress: _Progress) -> dict:
+    return {"network": network.state_dict(), "optimizer": optimizer.state_dict(), "epoch": progress.epoch,
+            "min_test_error": progress.min_test_error, "test_error": progress.test_error,
+            "rng": capture_rng_state()}
 
 
 def run_evaluation(genotype: Genotype, recipe: EvalRecipe, data: DataConfig, context: RunContext) -> EvalOutcome:
@@ -267,7 +256,7 @@ def run_evaluation(genotype: Genotype, recipe: EvalRecipe, data: DataConfig, con
         if context.rank == 0:
             logger.info("evaluation epoch %d/%d: lr %.4g train_acc %.3f test_acc %.3f", progress.epoch,
                         recipe.epochs, train_metrics["lr"], train_metrics["train_acc"], test_metrics["test_acc"])
-        _save_and_report(network, optimizer, progress, metrics, context)
+        context.report_with_checkpoint(metrics, lambda: _checkpoint_state(network, optimizer, progress))
 
     logger.info("evaluation done: final test error %.4f (minimum over epochs %.4f)", progress.test_error,
                 progress.min_test_error)

@@ -19,7 +19,6 @@ exact-resume checkpoint per epoch. Added here:
 import json
 import logging
 import random
-import shutil
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -49,7 +48,6 @@ from workers.context import (
     configure_worker_logging,
     load_checkpoint,
     restore_rng_state,
-    save_checkpoint,
 )
 from workers.data import describe_dataset, load_search_data
 from workers.estimators import create_estimator, estimator_names
@@ -598,13 +596,8 @@ def run_proxyless_search(config: ProxylessSearchConfig, data: DataConfig, contex
             logger.info("proxyless search epoch %d/%d: train_loss %.3f latency %.3f ms (target %.3f) entropy %.2f",
                         state.epoch, config.epochs, means.get("train_loss", float("nan")),
                         means.get("latency_ms", float("nan")), state.latency.target_ms, metrics["entropy"])
-        folder = None
-        if context.rank == 0:
-            folder = save_checkpoint(state.state_dict(), {GENOTYPE_FILE: metrics["genotype"],
-                                                          SURROGATE_FILE: surrogate_json})
-        context.report(metrics, folder)
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
+        context.report_with_checkpoint(metrics, state.state_dict,
+                                       {GENOTYPE_FILE: metrics["genotype"], SURROGATE_FILE: surrogate_json})
     return state.distribution.genotype()
 
 

@@ -22,7 +22,6 @@ compare the two):
 
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,7 +48,6 @@ from workers.context import (
     configure_worker_logging,
     load_checkpoint,
     restore_rng_state,
-    save_checkpoint,
 )
 from workers.data import describe_dataset, load_search_data
 from workers.estimators import EstimateResult, create_estimator
@@ -438,10 +436,7 @@ def run_search(config: SearchConfig, data: DataConfig, context: RunContext) -> G
             logger.info("search epoch %d/%d: train_loss %.3f train_acc %.3f entropy %.2f", state.epoch,
                         config.epochs, means.get("train_loss", float("nan")), means.get("train_acc", float("nan")),
                         metrics["entropy"])
-        folder = save_checkpoint(state.state_dict(), {GENOTYPE_FILE: metrics["genotype"]}) if context.rank == 0 else None
-        context.report(metrics, folder)
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
+        context.report_with_checkpoint(metrics, state.state_dict, {GENOTYPE_FILE: metrics["genotype"]})
     return state.distribution.genotype()
 
 
