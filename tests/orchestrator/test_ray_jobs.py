@@ -34,9 +34,13 @@ def ray_head():
     env = subprocess_env()
     temp_dir = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")
     dashboard_port = free_port()
+    # Every port gets a free one: the agents' defaults (52365 and others) stay taken while any other
+    # Ray head runs on the machine, and the job agent then never comes up.
     command = [RAY, "start", "--head", "--block", "--num-cpus", "2", "--port", str(free_port()),
                "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), "--temp-dir", temp_dir,
-               "--include-dashboard", "true"]
+               "--include-dashboard", "true", "--dashboard-agent-listen-port", str(free_port()),
+               "--dashboard-agent-grpc-port", str(free_port()), "--metrics-export-port", str(free_port()),
+               "--runtime-env-agent-port", str(free_port()), "--ray-client-server-port", str(free_port())]
     head = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     address = f"http://127.0.0.1:{dashboard_port}"
