@@ -9,12 +9,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from orchestrator.launch import (
     check_cluster_fits,
     describe_error,
     init_ray,
-    parse_genotype,
     run_evaluation_trials,
     run_search_task,
 )
@@ -28,7 +28,7 @@ from orchestrator.plan import (
     plan_evaluations,
     plan_searches,
 )
-from orchestrator.spec import JobSpec, SearchSpec
+from orchestrator.spec import JobSpec
 from orchestrator.tables import (
     build_cells_table,
     build_results_table,
@@ -49,6 +49,7 @@ from orchestrator.tracking import (
     TAG_SEED,
     TAG_SOURCE_KEY,
     TAG_SOURCE_RUN,
+    TAG_SPACE,
     TAG_STAGE,
     Tracker,
     default_tracking_uri,
@@ -56,13 +57,10 @@ from orchestrator.tracking import (
     is_finished,
     provenance_tags,
 )
-from search_spaces.darts import Genotype
-from search_spaces.darts.drawing import draw_genotype
 from search_spaces.errors import UnasError
 from workers.config import SearchConfig
-from workers.data import check_data_available, describe_dataset
-from search_spaces.darts.counting import count_madds_m, count_params_m
-from workers.evaluate import build_eval_network
+from workers.data import check_data_available
+from workers.genotype_spaces import GenotypeSpace
 from workers.proxyless_search import ProxylessSearchConfig
 
 logger = logging.getLogger(__name__)
@@ -163,15 +161,15 @@ def _child_tags(job_id: str, parent_id: str, stage: str, key: str) -> dict[str, 
 
 
 def _run_searches(spec: JobSpec, tracker: Tracker, parent_id: str, output_dir: Path,
-                  failed: dict[str, str]) -> dict[SearchTask, Genotype]:
-    found: dict[SearchTask, Genotype] = {}
+                  failed: dict[str, str]) -> dict[SearchTask, Any]:
+    found: dict[SearchTask, Any] = {}
     for task in plan_searches(spec):
         run_id, status = tracker.find_or_create_run(task.key, _child_tags(spec.job_id(), parent_id, STAGE_SEARCH, task.key))
         if is_finished(status):
-            found[task] = _load_run_genotype(tracker, run_id, spec.search)
+            found[task] = _load_run_genotype(tracker, run_id, spec.genotype_space())
             logger.info("%s: reusing the finished search run %s", task.key, run_id)
             continue
-        tracker.set_tags(run_id, {TAG_METHOD: task.method, TAG_SEED: task.seed})
+        tracker.set_tags(run_id, {TAG_METHOD: task.method, TAG_SEED: task.seed, TAG_SPACE: spec.search.space})
         config, fetched = _search_worker_config(spec, task, tracker, output_dir)
         tracker.log_params(run_id, {**vars(config), "workers": spec.search.workers})
         logger.info("%s: starting the search (Ray Train, %d worker(s))", task.key, spec.search.workers)
@@ -199,30 +197,30 @@ def _search_worker_config(spec: JobSpec, task: SearchTask, tracker: Tracker,
     return prepare_surrogate_cache(config, spec.data_config(), tracker, output_dir)
 
 
-def _finish_search_run(spec: JobSpec, tracker: Tracker, run_id: str, genotype: Genotype, wall_time_s: float) -> None:
+def _finish_search_run(spec: JobSpec, tracker: Tracker, run_id: str, genotype: Any, wall_time_s: float) -> None:
     gpus = spec.search.workers * spec.search.worker_resources.gpus
-    _log_genotype(tracker, run_id, genotype)
+    _log_genotype(tracker, run_id, genotype, spec.genotype_space())
     tracker.log_metrics(run_id, {"wall_time_s": wall_time_s, "gpus": gpus, "gpu_days": wall_time_s * gpus / 86400})
     tracker.finish(run_id)
 
 
-def _log_genotype(tracker: Tracker, run_id: str, genotype: Genotype) -> None:
-    """Logs the genotype as JSON and, for a DARTS genotype, as a drawing of its two cells."""
+def _log_genotype(tracker: Tracker, run_id: str, genotype: Any, space: GenotypeSpace) -> None:
+    """Logs the genotype as JSON and, where its space has drawings (DARTS cells), as a drawing."""
     tracker.log_text(run_id, genotype_artifact_json(genotype), GENOTYPE_ARTIFACT)
-    if not isinstance(genotype, Genotype):
+    if not space.can_draw:
         return
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / GENOTYPE_DRAWING
-        draw_genotype(genotype, path)
+        space.draw_genotype(genotype, path)
         tracker.log_artifact(run_id, path)
 
 
-def _load_run_genotype(tracker: Tracker, run_id: str, search: SearchSpec):
+def _load_run_genotype(tracker: Tracker, run_id: str, space: GenotypeSpace) -> Any:
     local_path = tracker.client.download_artifacts(run_id, GENOTYPE_ARTIFACT)
-    return parse_genotype(search, Path(local_path).read_text())
+    return space.parse_genotype(Path(local_path).read_text())
 
 
-def _run_evaluations(spec: JobSpec, tasks: list[EvalTask], found: dict[SearchTask, Genotype], tracker: Tracker,
+def _run_evaluations(spec: JobSpec, tasks: list[EvalTask], found: dict[SearchTask, Any], tracker: Tracker,
                      parent_id: str, output_dir: Path, failed: dict[str, str]) -> None:
     search_runs = {task.key: tracker.find_run({TAG_JOB_ID: spec.job_id(), TAG_KEY: task.key}) for task in found}
     pending, run_ids = [], []
@@ -235,7 +233,8 @@ def _run_evaluations(spec: JobSpec, tasks: list[EvalTask], found: dict[SearchTas
             _describe_eval_run(spec, task, tracker, run_id, search_runs)
         pending.append(task)
         run_ids.append(run_id)
-    logger.info("evaluating %d cell(s) as Ray Tune trials (%d already finished)", len(pending), len(tasks) - len(pending))
+    logger.info("evaluating %d genotype(s) as Ray Tune trials (%d already finished)", len(pending),
+                len(tasks) - len(pending))
     errors = run_evaluation_trials(spec, pending, run_ids, tracker, output_dir)
     for key, error in errors.items():
         if error is not None:
@@ -243,7 +242,8 @@ def _run_evaluations(spec: JobSpec, tasks: list[EvalTask], found: dict[SearchTas
 
 
 def _describe_eval_run(spec: JobSpec, task: EvalTask, tracker: Tracker, run_id: str, search_runs: dict) -> None:
-    tags = {TAG_GROUP: task.group, TAG_LABEL: task.label, TAG_SEED: task.train_seed}
+    space = spec.genotype_space()
+    tags = {TAG_GROUP: task.group, TAG_LABEL: task.label, TAG_SEED: task.train_seed, TAG_SPACE: space.name}
     if task.source_key:
         tags[TAG_SOURCE_KEY] = task.source_key
         source = search_runs.get(task.source_key)
@@ -251,12 +251,6 @@ def _describe_eval_run(spec: JobSpec, task: EvalTask, tracker: Tracker, run_id: 
             tags[TAG_SOURCE_RUN] = source.info.run_id
     tracker.set_tags(run_id, tags)
     recipe = spec.eval_recipe(task.train_seed, task.genotype)
-    tracker.log_params(run_id, vars(recipe))
-    _log_genotype(tracker, run_id, task.genotype)
-    network = build_eval_network(task.genotype, recipe, spec.data_config())
-    image_size = describe_dataset(spec.data.name, spec.data.root).image_size
-    tracker.log_metrics(run_id, {
-        "params_m": count_params_m(network),
-        "madds_m": count_madds_m(network, image_size, "conv_linear"),
-        "madds_paper_m": count_madds_m(network, image_size, "paper"),
-    })
+    tracker.log_params(run_id, space.run_params(recipe))
+    _log_genotype(tracker, run_id, task.genotype, space)
+    tracker.log_metrics(run_id, space.network_sizes(task.genotype, recipe, spec.data_config()))

@@ -15,16 +15,14 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from orchestrator.latency_cache import StoredSurrogate, record_search_surrogate
 from orchestrator.plan import EvalTask, SearchTask
-from orchestrator.spec import JobSpec, RaySpec, SearchSpec
+from orchestrator.spec import JobSpec, RaySpec
 from orchestrator.tracking import TAG_ERROR, Tracker
-from search_spaces.darts import Genotype, genotype_from_json
-from search_spaces.darts.drawing import draw_genotype
 from search_spaces.errors import UnasError
 from workers.context import RunContext, configure_worker_logging
 from search_spaces.darts.counting import count_params_m
-from workers.evaluate import EvalOutcome, build_eval_network, evaluation_worker, run_evaluation
-from search_spaces import proxyless
+from workers.evaluate import EvalOutcome, evaluation_worker, run_evaluation
 from workers.config import SearchConfig
+from workers.genotype_spaces import GenotypeSpace
 from workers.proxyless_search import (
     SURROGATE_FILE,
     SURROGATE_SOURCE_METRIC,
@@ -92,20 +90,20 @@ def check_cluster_fits(spec: JobSpec) -> None:
 class MlflowReportCallback(UserCallback):
     """Forwards rank 0's per-epoch metrics of a Train run to its MLflow run (on the controller)."""
 
-    def __init__(self, tracker: Tracker, run_id: str, label: str, draw: bool = True):
+    def __init__(self, tracker: Tracker, run_id: str, label: str, space: GenotypeSpace | None = None):
         self.tracker = tracker
         self.run_id = run_id
         self.label = label
-        self.draw = draw  # cell drawings exist for the DARTS space only
+        self.space = space  # the space that parses and draws the genotypes epochs report, or None for no drawings
 
     def _log_genotype(self, genotype_json: str, epoch: int) -> None:
-        """Logs the current genotype of the search as JSON and as a drawing."""
+        """Logs the current genotype of the search as JSON and, where its space has drawings, as a drawing."""
         self.tracker.log_text(self.run_id, genotype_json, f"genotypes/epoch_{epoch:04d}.json")
-        if not self.draw:
+        if self.space is None or not self.space.can_draw:
             return
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / f"epoch_{epoch:04d}.png"
-            draw_genotype(genotype_from_json(genotype_json), path)
+            self.space.draw_genotype(self.space.parse_genotype(genotype_json), path)
             self.tracker.log_artifact(self.run_id, path, "genotypes")
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
@@ -122,13 +120,14 @@ class MlflowReportCallback(UserCallback):
 
 def run_search_task(task: SearchTask, spec: JobSpec, config: SearchConfig | ProxylessSearchConfig, tracker: Tracker,
                     run_id: str, output_dir: Path,
-                    fetched_surrogates: dict[str, StoredSurrogate] | None = None) -> Genotype:
+                    fetched_surrogates: dict[str, StoredSurrogate] | None = None) -> Any:
     """Runs (or resumes) one search with the worker config ``config`` as a Ray Train run and returns its genotype.
 
     ``fetched_surrogates`` are the latency surrogates that the driver put in the proxyless
     search's cache folder, by device key.
     """
     search = spec.search
+    space = spec.genotype_space()
     use_gpu = search.worker_resources.gpus > 0
     resources = {"CPU": search.worker_resources.cpus}
     if use_gpu:
@@ -144,7 +143,7 @@ def run_search_task(task: SearchTask, spec: JobSpec, config: SearchConfig | Prox
             storage_path=str((output_dir / "ray").resolve()),
             failure_config=FailureConfig(max_failures=search.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=[MlflowReportCallback(tracker, run_id, task.key, draw=search.space == "darts")],
+            callbacks=[MlflowReportCallback(tracker, run_id, task.key, space)],
         ),
     )
     result = trainer.fit()
@@ -156,15 +155,7 @@ def run_search_task(task: SearchTask, spec: JobSpec, config: SearchConfig | Prox
             # Stored per device, so later jobs on the same device reuse the surrogate.
             record_search_surrogate(tracker, run_id, surrogate, result.metrics.get(SURROGATE_SOURCE_METRIC),
                                     fetched_surrogates or {})
-        return parse_genotype(search, (Path(folder) / GENOTYPE_FILE).read_text())
-
-
-def parse_genotype(search: SearchSpec, text: str):
-    """Reads a genotype JSON of the search's space (and depth, for the proxyless space)."""
-    if search.space == "proxyless":
-        layers_per_stage = (search.model_extra or {}).get("layers_per_stage", 4)
-        return proxyless.genotype_from_json(text, layers_per_stage=layers_per_stage)
-    return genotype_from_json(text)
+        return space.parse_genotype((Path(folder) / GENOTYPE_FILE).read_text())
 
 
 @dataclass(frozen=True)
@@ -179,7 +170,7 @@ class TrialSetup:
 
 
 def evaluation_trial(config: dict[str, Any], setup: TrialSetup) -> None:
-    """A Tune function trial: trains one cell, logs it to its MLflow run and marks the run done."""
+    """A Tune function trial: trains one genotype's network, logs it to its MLflow run and marks the run done."""
     import torch
 
     configure_worker_logging()
@@ -199,7 +190,8 @@ def evaluation_trial(config: dict[str, Any], setup: TrialSetup) -> None:
             outcome = _run_evaluation_group(setup, task, run_id, recipe)
         else:
             context = RunContext(Path(setup.checkpoint_root) / task.key, on_report=report)
-            outcome = run_evaluation(task.genotype, recipe, setup.spec.data_config(), context)
+            outcome = run_evaluation(task.genotype, recipe, setup.spec.data_config(), context,
+                                     build_network=setup.spec.genotype_space().build_network)
     except BaseException as error:
         tracker.set_tags(run_id, {TAG_ERROR: f"{type(error).__name__}: {error}"[:4000]})
         tracker.finish(run_id, "FAILED")
@@ -221,12 +213,14 @@ def _run_evaluation_group(setup: TrialSetup, task: EvalTask, run_id: str, recipe
     evaluate = setup.spec.evaluate
     workers = evaluate.workers
     use_gpu = evaluate.trial_resources.gpus > 0
+    space = setup.spec.genotype_space()
     per_worker = {"CPU": evaluate.trial_resources.cpus / workers}
     if use_gpu:
         per_worker["GPU"] = evaluate.trial_resources.gpus / workers
     trainer = TorchTrainer(
         evaluation_worker,
-        train_loop_config={"genotype": task.genotype.to_json(), "recipe": recipe, "data": setup.spec.data_config()},
+        train_loop_config={"genotype": task.genotype.to_json(), "space": space, "recipe": recipe,
+                           "data": setup.spec.data_config()},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=per_worker),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
@@ -241,7 +235,7 @@ def _run_evaluation_group(setup: TrialSetup, task: EvalTask, run_id: str, recipe
     if result.error is not None:
         raise LaunchError(f"evaluation {task.key} failed: {describe_error(result.error)}")
     metrics = result.metrics
-    network = build_eval_network(task.genotype, recipe, setup.spec.data_config())
+    network = space.build_network(task.genotype, recipe, setup.spec.data_config())
     return EvalOutcome(test_error=metrics["test_error"], min_test_error=metrics["min_test_error"],
                        params_m=count_params_m(network), epochs=int(metrics["epoch"]))
 

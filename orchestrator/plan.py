@@ -5,11 +5,9 @@ resubmitted job finds the work it already did.
 """
 
 from dataclasses import dataclass
+from typing import Any
 
-from search_spaces.darts import Genotype, get_genotype, random_genotype
 from orchestrator.spec import JobSpec
-from workers.search import search_ops
-from workers.config import SearchConfig
 
 STAGE_SEARCH = "search"
 STAGE_EVALUATE = "evaluate"
@@ -31,11 +29,11 @@ class SearchTask:
 
 @dataclass(frozen=True)
 class EvalTask:
-    """One cell trained from scratch: a found cell, a named genotype or a random cell."""
+    """One genotype trained from scratch: a found, a named or a random cell (or network, in the proxyless space)."""
 
     group: str
     label: str  # the method for found cells, the genotype name, or random-NN
-    genotype: Genotype
+    genotype: Any  # a genotype of the job's space (JobSpec.genotype_space)
     train_seed: int
     source_key: str | None = None  # the search task that found the cell
 
@@ -55,24 +53,18 @@ def random_cell_seed(spec: JobSpec, index: int) -> int:
     return spec.evaluate.random_seed * 1000 + index
 
 
-def plan_evaluations(spec: JobSpec, found: dict[SearchTask, Genotype]) -> list[EvalTask]:
-    """Evaluation tasks for found cells (in search order), named genotypes and random cells."""
+def plan_evaluations(spec: JobSpec, found: dict[SearchTask, Any]) -> list[EvalTask]:
+    """Evaluation tasks for found genotypes (in search order), named genotypes and random genotypes of the job's space."""
     evaluate = spec.evaluate
     if evaluate is None:
         return []
-    cells: list[tuple[str, str, Genotype, str | None]] = []
+    space = spec.genotype_space()
+    cells: list[tuple[str, str, Any, str | None]] = []
     if evaluate.found:
         cells += [(GROUP_FOUND, task.method, genotype, task.key) for task, genotype in found.items()]
-    cells += [(GROUP_NAMED, name, get_genotype(name), None) for name in evaluate.named]
-    ops = _random_cell_ops(spec)
+    cells += [(GROUP_NAMED, name, space.named_genotype(name), None) for name in evaluate.named]
     for index in range(evaluate.random_cells):
-        genotype = random_genotype(random_cell_seed(spec, index), ops)
+        genotype = space.random_genotype(random_cell_seed(spec, index))
         cells.append((GROUP_RANDOM, f"random-{index:02d}", genotype, None))
     return [EvalTask(group, label, genotype, seed, source) for group, label, genotype, source in cells
             for seed in evaluate.seeds]
-
-
-def _random_cell_ops(spec: JobSpec) -> tuple[str, ...]:
-    """Random cells come from the same op list the search would use."""
-    ops = tuple(spec.search.ops) if spec.search is not None and spec.search.ops else None
-    return search_ops(SearchConfig(ops=ops), spec.data.name)

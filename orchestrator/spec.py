@@ -13,12 +13,14 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from search_spaces.darts import GENOTYPES, OPS, Genotype
+from search_spaces.darts import OPS, Genotype
 from search_spaces.darts.counting import CIFAR_CHANNELS, select_imagenet_channels
 from search_spaces.errors import UnasError
 from workers.config import DataConfig, EvalRecipe, SearchConfig
 from workers.data import DATASETS
 from workers.estimators import estimator_names
+from workers.evaluate import paper_recipe
+from workers.genotype_spaces import DARTS_SHAPE_FIELDS, DartsSpace, GenotypeSpace, ProxylessSpace
 from workers.proxyless_search import ProxylessSearchConfig
 
 SEARCH_SPACES = ("darts", "proxyless")
@@ -149,6 +151,14 @@ class TrackingSpec(_Section):
     experiment: str | None = None
 
 
+def _proxyless_recipe_defaults() -> dict[str, Any]:
+    """Return the published proxyless recipe's fields that a proxyless job's recipe falls back to."""
+    recipe = dataclasses.asdict(paper_recipe("imagenet", "proxyless"))
+    # The seed comes from evaluate.seeds, and the shape fields do not apply. loader_workers keeps
+    # RecipeSpec's -1, which sizes the loaders from the trial's CPUs.
+    return {name: value for name, value in recipe.items() if name not in {"seed", "loader_workers", *DARTS_SHAPE_FIELDS}}
+
+
 class JobSpec(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
     description: str = ""
@@ -159,6 +169,24 @@ class JobSpec(_Section):
     evaluate: EvaluateSpec | None = None
     ray: RaySpec = RaySpec()
     tracking: TrackingSpec = TrackingSpec()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_proxyless_recipe(cls, data: Any) -> Any:
+        """In a proxyless job, fill the recipe fields the spec leaves out from the published proxyless recipe.
+
+        Filled before validation, so the job id, the checks and the logged params all see the
+        values that train. A cell job keeps RecipeSpec's defaults, the published CIFAR recipe.
+        """
+        if not isinstance(data, dict):
+            return data
+        search, evaluate = data.get("search"), data.get("evaluate")
+        if not (isinstance(search, dict) and search.get("space") == "proxyless" and isinstance(evaluate, dict)):
+            return data
+        recipe = evaluate.get("recipe", {})
+        if not isinstance(recipe, dict):
+            return data
+        return {**data, "evaluate": {**evaluate, "recipe": {**_proxyless_recipe_defaults(), **recipe}}}
 
     def job_id(self) -> str:
         """Stable for the same spec content: resubmitting it resumes the same job."""
@@ -182,6 +210,23 @@ class JobSpec(_Section):
         given = self.search.model_dump(exclude_unset=True)
         fields = {key: value for key, value in given.items() if key in names}
         return ProxylessSearchConfig(**fields, estimator=method, seed=seed)
+
+    def genotype_space(self) -> GenotypeSpace:
+        """Return the space whose genotypes this job searches and evaluates (DARTS for a job without search).
+
+        Raises ValueError or TypeError when the proxyless network fields are invalid.
+        """
+        if self.search is not None and self.search.space == "proxyless":
+            return ProxylessSpace(**self._proxyless_network_fields())
+        ops = tuple(self.search.ops) if self.search is not None and self.search.ops else None
+        return DartsSpace(self.data.name, ops)
+
+    def _proxyless_network_fields(self) -> dict[str, Any]:
+        """Return width_mult, layers_per_stage and stem_stride as the search sets them or as its config defaults them."""
+        defaults = {item.name: item.default for item in dataclasses.fields(ProxylessSearchConfig)}
+        search_fields = self.search.model_extra or {}
+        return {name: search_fields.get(name, defaults[name])
+                for name in ("width_mult", "layers_per_stage", "stem_stride")}
 
     def eval_recipe(self, seed: int, genotype: Genotype) -> EvalRecipe:
         """The recipe of one trial; channels "auto" resolve per genotype and data set."""
@@ -268,21 +313,36 @@ def _extra_field_problems(search: SearchSpec) -> list[str]:
 
 
 def _proxyless_config_problems(search: SearchSpec) -> list[str]:
+    spec = JobSpec.model_construct(search=search)
     try:
-        JobSpec.model_construct(search=search)._proxyless_search_config(search.methods[0], 0)
+        spec._proxyless_search_config(search.methods[0], 0)
     except (UnasError, TypeError, ValueError) as error:
         return [str(error)]
+    try:
+        spec.genotype_space()
+    except (TypeError, ValueError) as error:
+        return [f"search: invalid network shape ({error}); fix width_mult, layers_per_stage or stem_stride"]
     return []
+
+
+def _genotype_space_or_none(spec: JobSpec) -> GenotypeSpace | None:
+    """Return the job's genotype space, or None when its network fields are invalid (a search problem)."""
+    try:
+        return spec.genotype_space()
+    except (TypeError, ValueError):
+        return None
 
 
 def _evaluate_problems(spec: JobSpec) -> list[str]:
     evaluate = spec.evaluate
     problems = []
-    for i, name in enumerate(evaluate.named):
-        if name not in GENOTYPES:
-            problems.append(f"evaluate.named.{i}: {name!r} is not a known genotype; valid: {', '.join(GENOTYPES.names())}")
-    if evaluate.found and spec.search is not None and spec.search.space == "proxyless":
-        problems.append("evaluate.found: evaluating proxyless genotypes is not supported yet; set it to false")
+    space = _genotype_space_or_none(spec)
+    if space is not None:
+        for i, name in enumerate(evaluate.named):
+            problem = space.named_problem(name)
+            if problem is not None:
+                problems.append(f"evaluate.named.{i}: {name!r} {problem}")
+        problems += space.recipe_problems(evaluate.recipe.model_fields_set, evaluate.recipe.model_dump())
     if evaluate.found and spec.search is None:
         problems.append("evaluate.found: true needs a search section to find cells; set it to false or add search")
     if not (evaluate.found and spec.search) and not evaluate.named and not evaluate.random_cells:

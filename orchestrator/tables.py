@@ -12,7 +12,16 @@ from pathlib import Path
 import pandas as pd
 
 from orchestrator.plan import GROUP_FOUND, GROUP_NAMED, GROUP_RANDOM, STAGE_EVALUATE, STAGE_SEARCH
-from orchestrator.tracking import TAG_GROUP, TAG_JOB_ID, TAG_KEY, TAG_LABEL, TAG_SOURCE_KEY, TAG_STAGE, Tracker
+from orchestrator.tracking import (
+    TAG_GROUP,
+    TAG_JOB_ID,
+    TAG_KEY,
+    TAG_LABEL,
+    TAG_SOURCE_KEY,
+    TAG_SPACE,
+    TAG_STAGE,
+    Tracker,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +77,9 @@ def _summarise(group: str, label: str, cells: pd.DataFrame, searches: pd.DataFra
         if len(sources):
             cost_gpu_days = float(sources["metrics.gpu_days"].mean()) if "metrics.gpu_days" in sources else None
             wall_h = float(sources["metrics.wall_time_s"].mean() / 3600) if "metrics.wall_time_s" in sources else None
-    method = {GROUP_FOUND: f"UNAS ({label})", GROUP_NAMED: "published cell", GROUP_RANDOM: "random"}.get(group, group)
+    # Runs from before the space tag existed are all DARTS cells.
+    published = "published network" if (_column(cells, f"tags.{TAG_SPACE}") == "proxyless").any() else "published cell"
+    method = {GROUP_FOUND: f"UNAS ({label})", GROUP_NAMED: published, GROUP_RANDOM: "random"}.get(group, group)
     return {
         "row": f"{group}:{label}",
         "search_method": method,

@@ -34,6 +34,7 @@ TAG_SEED = "unas.seed"
 TAG_SOURCE_KEY = "unas.source_key"
 TAG_SOURCE_RUN = "unas.source_run_id"
 TAG_ERROR = "unas.error"
+TAG_SPACE = "unas.space"  # the search space of a search or evaluation run's genotype: darts or proxyless
 # Set on a proxyless search run once its latency surrogate artifact is logged, so later jobs find the run by them.
 TAG_LATENCY_DEVICE = "unas.latency_device"
 TAG_LATENCY_SETTING = "unas.latency_setting"

@@ -1,6 +1,7 @@
 """Spec validation: every problem reported at once, each naming the field, the value and the fix."""
 
 import copy
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 import yaml
 
 from orchestrator.spec import SpecError, load_spec, parse_spec
+from workers.evaluate import paper_recipe
 
 VALID = {
     "name": "tiny",
@@ -18,8 +20,17 @@ VALID = {
 }
 
 
-def _with(path: str, value):
-    spec = copy.deepcopy(VALID)
+PROXYLESS = {
+    "name": "tiny-proxyless",
+    "data": {"name": "digits"},
+    "search": {"space": "proxyless", "width_mult": 0.25, "layers_per_stage": 1, "stem_stride": 1, "epochs": 2,
+               "warmup_epochs": 1, "batch_size": 64},
+    "evaluate": {"found": True, "random_cells": 1, "recipe": {"epochs": 2, "warmup_epochs": 0}},
+}
+
+
+def _with(path: str, value, base: dict = VALID):
+    spec = copy.deepcopy(base)
     *parents, last = path.split(".")
     node = spec
     for key in parents:
@@ -66,6 +77,68 @@ def test_parse_spec_rejects_bad_value_with_field_and_value(path, value, expected
     assert len(problems) == 1, problems
     for fragment in expected:
         assert fragment in problems[0]
+
+
+def _left_out_recipe_fields(data: dict, published) -> tuple[dict, dict]:
+    """Return the recipe fields a spec leaves out, as parsed and as in a published recipe.
+
+    The seed comes from evaluate.seeds, and loader_workers defaults to -1 (sized from the CPUs).
+    """
+    recipe = parse_spec(data).evaluate.recipe.model_dump()
+    published = dataclasses.asdict(published)
+    names = set(published) - set(data["evaluate"]["recipe"]) - {"seed", "loader_workers"}
+    return {name: recipe[name] for name in names}, {name: published[name] for name in names}
+
+
+def test_parse_spec_fills_proxyless_recipe_from_published():
+    parsed, published = _left_out_recipe_fields(PROXYLESS, paper_recipe("imagenet", "proxyless"))
+    assert parsed == published
+    assert parsed["lr"] == 0.2
+
+
+def test_parse_spec_keeps_cell_recipe_defaults():
+    parsed, published = _left_out_recipe_fields(VALID, paper_recipe("cifar10"))
+    assert parsed == published
+    assert parsed["lr"] == 0.05
+
+
+def test_parse_spec_accepts_named_proxyless_at_full_size():
+    data = _with("search.layers_per_stage", 4, PROXYLESS)
+    data["search"]["width_mult"] = 1.0
+    data["evaluate"]["named"] = ["UNAS", "PROXYLESS_GPU"]
+
+    spec = parse_spec(data)
+
+    assert spec.evaluate.named == ["UNAS", "PROXYLESS_GPU"]
+
+
+BAD_PROXYLESS_SPECS = [
+    ("evaluate.named", ["DARTS_V2"], ["evaluate.named.0", "'DARTS_V2'", "darts space", "PROXYLESS_GPU, UNAS"]),
+    ("evaluate.named", ["UNAS"], ["evaluate.named.0", "'UNAS'", "full-size", "layers_per_stage 1",
+                                  "layers_per_stage 4"]),
+    ("evaluate.named", ["MOBILENET"], ["evaluate.named.0", "'MOBILENET'", "not a known genotype", "UNAS"]),
+    ("evaluate.recipe.chs", 8, ["evaluate.recipe.chs", "8", "search.width_mult", "remove it"]),
+    ("evaluate.recipe.layers", 5, ["evaluate.recipe.layers", "5", "remove it"]),
+    ("evaluate.recipe.drop_path", 0.2, ["evaluate.recipe.drop_path", "0.2", "no drop path", "set it to 0"]),
+    ("evaluate.recipe.auxiliary_weight", 0.4, ["evaluate.recipe.auxiliary_weight", "0.4", "no auxiliary head"]),
+    ("search.width_mult", -1.0, ["search", "width_mult must be positive", "-1.0"]),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "expected"), BAD_PROXYLESS_SPECS,
+                         ids=[case[0] + "=" + str(case[1]) for case in BAD_PROXYLESS_SPECS])
+def test_parse_spec_rejects_bad_proxyless_evaluation(path, value, expected):
+    problems = _problems(_with(path, value, PROXYLESS))
+    assert len(problems) == 1, problems
+    for fragment in expected:
+        assert fragment in problems[0]
+
+
+def test_parse_spec_rejects_proxyless_name_in_cell_job():
+    problems = _problems(_with("evaluate.named", ["UNAS"]))
+    assert problems == ["evaluate.named.0: 'UNAS' is a genotype of the proxyless space, but this job evaluates "
+                        "the darts space (search.space); valid: " + ", ".join(
+                            ["UNAS_CIFAR10", "UNAS_CIFAR100", "UNAS_IMAGENET", "DARTS_V2", "DARTS_V1", "PDARTS"])]
 
 
 def test_parse_spec_reports_every_problem_at_once():

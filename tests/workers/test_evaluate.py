@@ -1,5 +1,6 @@
 """The evaluation loop on real data (digits, and small fake ImageNet folders), in one process."""
 
+import dataclasses
 import math
 import tempfile
 from pathlib import Path
@@ -9,7 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from search_spaces import proxyless
 from search_spaces.darts import get_genotype
+from search_spaces.darts.counting import count_params_m
 from search_spaces.errors import UnasError
 from workers.config import DataConfig, EvalRecipe
 from workers.context import CHECKPOINT_FILE, RunContext
@@ -18,10 +21,12 @@ from workers.evaluate import (
     build_eval_network,
     check_recipe,
     paper_recipe,
+    recipe_lr,
     resolve_loader_workers,
     run_evaluation,
     train_epoch,
 )
+from workers.genotype_spaces import ProxylessSpace
 
 GENOTYPE = get_genotype("UNAS_CIFAR10")
 
@@ -150,6 +155,31 @@ def test_paper_recipe_cifar_values():
     assert cifar100.drop_path == 0.3
 
 
+def test_paper_recipe_proxyless_values():
+    recipe = dataclasses.asdict(paper_recipe("imagenet", "proxyless"))
+
+    expected = {"epochs": 300, "batch_size": 512, "lr": 0.2, "lr_min": 0.0, "reference_batch_size": 512,
+                "momentum": 0.9, "warmup_epochs": 5, "weight_decay": 5e-5, "label_smoothing": 0.1, "cutout": 0,
+                "drop_path": 0.0, "auxiliary_weight": 0.0}
+    assert {name: recipe[name] for name in expected} == expected
+
+
+@pytest.mark.parametrize("batch_size", [512, 1024, 256])
+def test_proxyless_recipe_lr_matches_closed_form(batch_size):
+    recipe = paper_recipe("imagenet", "proxyless", batch_size=batch_size)
+
+    used = [recipe_lr(recipe, epoch) for epoch in range(300)]
+
+    expected = [expected_lr(0.2, 0.0, batch_size / 512, 5, 300, epoch) for epoch in range(300)]
+    assert used == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert max(used) == pytest.approx(0.2 * batch_size / 512)
+
+
+def test_paper_recipe_unknown_space():
+    with pytest.raises(UnasError, match="no published recipe for 'cifar10' in the 'proxyless' space"):
+        paper_recipe("cifar10", "proxyless")
+
+
 def test_paper_recipe_overrides():
     recipe = paper_recipe("imagenet", batch_size=1024, warmup_epochs=3)
 
@@ -260,7 +290,52 @@ def test_label_smoothing_training_loss_only():
     assert train_metrics["train_loss"] != pytest.approx(np.mean(plain_train), rel=1e-3)
 
 
+def test_proxyless_space_unas_params_at_full_size():
+    space = ProxylessSpace()
+    recipe = paper_recipe("imagenet", "proxyless")
+    data = DataConfig(name="imagenet")  # no class folders: 1000 classes
+    unas = proxyless.get_genotype("UNAS")
+
+    sizes = space.network_sizes(unas, recipe, data)
+    network = space.build_network(unas, recipe, data)
+
+    assert sizes["params_m"] == pytest.approx(5.966, abs=5e-4)
+    assert count_params_m(network) == pytest.approx(sizes["params_m"], rel=1e-12)
+    assert set(sizes) == {"params_m", "madds_m"}
+
+
+def test_proxyless_space_network_follows_fields_and_data():
+    space = ProxylessSpace(width_mult=0.25, layers_per_stage=1, stem_stride=1)
+    genotype = space.random_genotype(0)
+
+    network = space.build_network(genotype, paper_recipe("imagenet", "proxyless"), DataConfig()).eval()
+    logits, aux_logits = network(torch.randn(2, 1, 8, 8))
+
+    assert len(genotype.layers) == 6
+    assert network.config.in_chs == 1
+    assert network.config.num_classes == 10
+    assert network.config.stem_stride == 1
+    assert logits.shape == (2, 10)
+    assert aux_logits is None
+
+
 # Whole runs ------------------------------------------------------------------------------------
+
+
+def test_run_evaluation_proxyless_lr_matches_closed_form():
+    space = ProxylessSpace(width_mult=0.25, layers_per_stage=1, stem_stride=1)
+    recipe = paper_recipe("imagenet", "proxyless", epochs=5, warmup_epochs=2, batch_size=256, lr_min=0.01, seed=0)
+    context = CpuContext()
+
+    outcome = run_evaluation(space.random_genotype(0), recipe, DataConfig(), context,
+                             build_network=space.build_network)
+
+    used = [metrics["lr"] for metrics in context.history]
+    expected = [expected_lr(0.2, 0.01, 256 / 512, 2, 5, epoch) for epoch in range(5)]
+    assert used == pytest.approx(expected, rel=1e-12)
+    assert outcome.epochs == 5
+    assert outcome.test_error == context.history[-1]["test_error"]
+
 
 
 def test_run_evaluation_digits_accuracy():
