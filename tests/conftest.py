@@ -18,3 +18,17 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """Run a module's tests on one intra-op thread and restore the thread count afterwards.
+
+    Tiny tensors gain nothing from more threads, and the "thread" latency clock needs exactly one.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

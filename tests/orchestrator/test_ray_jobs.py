@@ -63,7 +63,7 @@ def test_ray_job_submit_runs_job_on_cluster(ray_head, tmp_path):
     output = tmp_path / "out"
     command = [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO_ROOT), "--",
                "python", "-m", "orchestrator", "run", str(spec_path), "--output", str(output)]
-    # The head accepts requests before its job agent is up, and Ray then asks the client to retry.
+    # The head accepts requests before its job agent is up, and Ray then replies that the client should retry.
     # On a loaded 2-core machine the agent took over 90 s to come up.
     deadline = time.monotonic() + AGENT_START_TIMEOUT_S
     while True:

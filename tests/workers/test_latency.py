@@ -46,13 +46,7 @@ QUICK_SETTINGS = LatencySettings(input_size=16, batch_size=1, repeats=2, warmup_
                                  holdout_networks=4, clock="thread")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_torch_thread():
-    # One intra-op thread: tiny tensors gain nothing from more, and the "thread" clock needs it.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")

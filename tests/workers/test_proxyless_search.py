@@ -59,13 +59,7 @@ LATENCY_KEYS = ("latency_ms", "surrogate_latency_ms", "relaxed_latency_ms", "lat
                 "surrogate_holdout_error")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_torch_thread():
-    # One intra-op thread: tiny tensors gain nothing from more, and the "thread" clock needs it.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")
